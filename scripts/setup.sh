@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv if missing and install torch (CPU wheel, pinned first so no CUDA build is pulled) and the kit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.osftkit-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "osftkit: installing torch==2.13.0 (CPU) and the kit into .venv (log: .venv/install.log)"
+  .venv/bin/python -m pip install -q --upgrade pip >.venv/install.log 2>&1
+  .venv/bin/python -m pip install -q "torch==2.13.0" >>.venv/install.log 2>&1
+  .venv/bin/python -m pip install -q -e ".[dev]" >>.venv/install.log 2>&1
+  touch "$stamp"
+fi

@@ -1,0 +1,7 @@
+"""Datasets and datamodules: synthetic arithmetic, real math sets, prompt formatting."""
+
+from osftkit.data.arithmetic import build_arithmetic
+from osftkit.data.datamodule import PromptDataModule
+from osftkit.data.math_sets import DataLoadError, load_prompt_table
+
+__all__ = ["DataLoadError", "PromptDataModule", "build_arithmetic", "load_prompt_table"]

@@ -1,0 +1,173 @@
+"""PromptDataModule: (problem, solution, answer) tables -> tokenised prompt and SFT batches."""
+
+import logging
+from collections.abc import Callable
+
+import torch
+from datasets import Dataset
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from osftkit.data.prompts import format_prompt
+from osftkit.rewards import AnswerChecker
+
+log = logging.getLogger(__name__)
+
+DatasetFactory = Callable[[], Dataset]
+
+
+class PromptDataModule(LightningDataModule):
+    """Builds its splits in `setup`, tokenises them once, and yields left-padded prompts.
+
+    Rule for long inputs: prompts longer than `max_prompt_length` tokens are SKIPPED (counted
+    and logged); reference responses longer than `max_response_length` are TRUNCATED (counted).
+    Batches hold `prompt_ids`/`prompt_mask` (left padded), and when the split has solutions,
+    `input_ids`/`attention_mask`/`labels` for SFT (prompt and padding labelled -100).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        train: DatasetFactory | None,
+        val: dict[str, DatasetFactory],
+        checker: AnswerChecker,
+        batch_size: int,
+        val_batch_size: int,
+        max_prompt_length: int,
+        max_response_length: int,
+        plain_template: str,
+        system_prompt: str | None = None,
+        use_chat_template: bool = True,
+        train_transform: Callable[[Dataset], Dataset] | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not val:
+            raise ValueError("data.val must name at least one validation set")
+        self.tokenizer = tokenizer
+        self.factories = {f"val/{name}": make for name, make in val.items()}
+        if train is not None:
+            self.factories["train"] = train
+        self.val_names = list(val)
+        self.checker = checker
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.max_prompt_length, self.max_response_length = max_prompt_length, max_response_length
+        self.prompt_settings = {
+            "plain_template": plain_template,
+            "system_prompt": system_prompt,
+            "use_chat_template": use_chat_template,
+        }
+        self.train_transform = train_transform
+        self.num_workers = num_workers
+        self.splits: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        for name, make in self.factories.items():
+            if name in self.splits:
+                continue
+            table = make()
+            if name == "train" and self.train_transform is not None:
+                table = self.train_transform(table)
+            self.splits[name] = self._tokenise(table, name)
+
+    def _tokenise(self, table: Dataset, name: str) -> Dataset:
+        if len(table) == 0:
+            raise ValueError(f"data split '{name}' is empty")
+        with_solution = "solution" in table.column_names
+        encoded = table.map(
+            lambda row: self._encode(row, with_solution), desc=f"tokenising {name}"
+        )
+        empty = [i for i, ids in enumerate(encoded["prompt_ids"]) if not ids]
+        if empty:
+            raise ValueError(f"data split '{name}': rows {empty[:10]} have an empty prompt")
+        kept = encoded.filter(lambda row: len(row["prompt_ids"]) <= self.max_prompt_length)
+        skipped = len(encoded) - len(kept)
+        if skipped:
+            log.warning(
+                "%s: skipped %d of %d prompts longer than max_prompt_length=%d tokens",
+                name, skipped, len(encoded), self.max_prompt_length,
+            )
+        if len(kept) == 0:
+            raise ValueError(f"data split '{name}': every prompt is longer than max_prompt_length")
+        if with_solution:
+            cut = sum(kept["response_truncated"])
+            if cut:
+                log.warning(
+                    "%s: truncated %d reference responses to max_response_length=%d tokens",
+                    name, cut, self.max_response_length,
+                )
+        return kept
+
+    def _encode(self, row: dict, with_solution: bool) -> dict:
+        prompt = format_prompt(self.tokenizer, row["problem"], **self.prompt_settings)
+        encoded = {"prompt_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
+        if with_solution:
+            response = self.tokenizer(row["solution"], add_special_tokens=False)["input_ids"]
+            response = [*response, self.tokenizer.eos_token_id]
+            encoded["response_ids"] = response[: self.max_response_length]
+            encoded["response_truncated"] = len(response) > self.max_response_length
+        return encoded
+
+    def collate(self, rows: list[dict]) -> dict:
+        pad = self.tokenizer.pad_token_id
+        prompts = [row["prompt_ids"] for row in rows]
+        batch = {
+            "problem": [row["problem"] for row in rows],
+            "answer": [row["answer"] for row in rows],
+            **dict(zip(("prompt_ids", "prompt_mask"), pad_left(prompts, pad), strict=True)),
+        }
+        if "response_ids" in rows[0]:
+            batch.update(sft_tensors(prompts, [row["response_ids"] for row in rows], pad))
+        return batch
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def per_rank(self, batch_size: int) -> int:
+        """Batch sizes in the config are global: each of the world's ranks takes its share."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by world size {world}")
+        return batch_size // world
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.splits:
+            raise ValueError("this data config has no training split (an evaluation-only set)")
+        return self._loader("train", self.per_rank(self.batch_size), shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        size = self.per_rank(self.val_batch_size)
+        return [self._loader(f"val/{name}", size, False) for name in self.val_names]
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (ids, mask): generation appends on the right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def sft_tensors(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """Right-padded prompt+response sequences with labels only on response tokens."""
+    sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (prompt, seq) in enumerate(zip(prompts, sequences, strict=True)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        labels[i, len(prompt) : len(seq)] = torch.tensor(seq[len(prompt) :])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

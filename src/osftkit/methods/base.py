@@ -1,0 +1,188 @@
+"""CausalLMModule: what every LM method shares (optimisation, generation, validation)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from osftkit.methods.losses import masked_mean, next_token_logprobs
+from osftkit.metrics import PassAtK
+from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
+
+
+@dataclass
+class ValidationSettings:
+    """The evaluation protocol: n samples per prompt at tau_eval, plus greedy decoding."""
+
+    n_samples: int = 8
+    tau_eval: float = 1.0
+    ks: tuple[int, ...] = (1, 8)
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    greedy: bool = True
+    log_samples: int = 4
+
+
+class CausalLMModule(LightningModule):
+    """Base for SFT, OSFT, GRPO and the backdoor methods. Uses manual optimisation so that one
+    generated batch can feed several optimiser steps (`self.update(loss)` is one step)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        optimizer: Any,
+        scheduler: dict[str, Any] | None = None,
+        grad_clip: float | None = 1.0,
+        validation: dict[str, Any] | ValidationSettings | None = None,
+        engine: GenerationEngine | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.save_hyperparameters(ignore=["model", "tokenizer", "engine"])
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning toggles it for validation
+        self.tokenizer = tokenizer
+        self.engine = engine or HFGenerateEngine()
+        self.validation_settings = (
+            validation
+            if isinstance(validation, ValidationSettings)
+            else ValidationSettings(**(validation or {}))
+        )
+        self.val_metrics = nn.ModuleDict()
+
+    # ---- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.hparams.optimizer(params=[p for p in self.parameters() if p.requires_grad])
+        settings = dict(self.hparams.scheduler or {"name": "constant"})
+        scheduler = get_scheduler(
+            settings.pop("name"),
+            optimizer,
+            num_training_steps=self.trainer.max_steps if self.trainer.max_steps > 0 else None,
+            **settings,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def update(self, loss: Tensor) -> None:
+        """One optimiser step on `loss`; a non-finite loss stops the run before it touches weights."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite loss ({loss.item()}) at optimiser step {self.global_step}: stopping. "
+                f"The weights were not updated; the last checkpoint written stays valid."
+            )
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
+        optimizer.step()
+        self.lr_schedulers().step()
+
+    def response_nll(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                     temperature: float = 1.0, aggregation: str = "token_mean") -> tuple[Tensor, Tensor]:
+        """Masked NLL of the tokens selected by `loss_mask` (over next-token positions), and the
+        mean entropy of the model at those positions."""
+        logp, entropy = next_token_logprobs(self.model, input_ids, attention_mask, temperature)
+        return masked_mean(-logp, loss_mask, aggregation), masked_mean(entropy, loss_mask)
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, batch: dict, num_samples: int, temperature: float, top_p: float,
+                 max_new_tokens: int) -> Rollouts:
+        """Sample from the model as it is now (no grad, eval mode) through the engine."""
+        return self.engine.generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def decode(self, rollouts: Rollouts) -> list[str]:
+        ids = (rollouts.response_ids * rollouts.response_mask).tolist()
+        lengths = rollouts.lengths.tolist()
+        return self.tokenizer.batch_decode(
+            [row[:n] for row, n in zip(ids, lengths, strict=True)], skip_special_tokens=True
+        )
+
+    def score(self, rollouts: Rollouts, answers: list[str]) -> Tensor:
+        """(prompts, G) booleans from the data module's answer checker."""
+        golds = [a for a in answers for _ in range(rollouts.group_size)]
+        correct = self.trainer.datamodule.checker.score(self.decode(rollouts), golds)
+        return torch.tensor(correct, device=self.device).view(-1, rollouts.group_size)
+
+    # ---- validation ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        settings = self.validation_settings
+        ks = [k for k in settings.ks if k <= settings.n_samples]
+        for name in self.trainer.datamodule.val_names:
+            if name in self.val_metrics:
+                continue
+            metrics = {"pass": PassAtK(ks), "response_length": MeanMetric(), "entropy": MeanMetric()}
+            if settings.greedy:
+                metrics["greedy_acc"] = MeanMetric()
+            self.val_metrics[name] = MetricCollection(metrics, compute_groups=False)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        s = self.validation_settings
+        metrics = self.val_metrics[self.trainer.datamodule.val_names[dataloader_idx]]
+        samples = self.generate(batch, s.n_samples, s.tau_eval, s.top_p, s.max_new_tokens)
+        metrics["pass"].update(self.score(samples, batch["answer"]))
+        metrics["response_length"].update(samples.lengths.float())
+        _, entropy = self.response_nll(samples.sequences, samples.attention_mask, samples.loss_mask)
+        metrics["entropy"].update(entropy)
+        if s.greedy:
+            greedy = self.generate(batch, 1, 0.0, 1.0, s.max_new_tokens)
+            metrics["greedy_acc"].update(self.score(greedy, batch["answer"]).float().squeeze(1))
+        if batch_idx == 0 and dataloader_idx == 0:
+            self.log_samples(batch, samples)
+
+    def on_validation_epoch_end(self) -> None:
+        per_set = {name: flatten(metrics.compute()) for name, metrics in self.val_metrics.items()}
+        for metrics in self.val_metrics.values():
+            metrics.reset()
+        names = list(per_set)
+        for key in per_set[names[0]]:
+            values = [per_set[name][key] for name in names]
+            self.log(f"val/{key}", torch.stack(values).mean(), sync_dist=False)
+            if len(names) > 1:
+                for name, value in zip(names, values, strict=True):
+                    self.log(f"val/{name}/{key}", value, sync_dist=False)
+
+    def log_samples(self, batch: dict, samples: Rollouts) -> None:
+        """A few generations to TensorBoard (as text) and to samples/ in the run directory."""
+        count = min(self.validation_settings.log_samples, len(batch["problem"]))
+        if count == 0 or not self.trainer.is_global_zero:
+            return
+        texts = self.decode(samples)[:: samples.group_size][:count]
+        rows = [
+            {"step": self.global_step, "problem": p, "answer": a, "response": t}
+            for p, a, t in zip(batch["problem"], batch["answer"], texts, strict=False)
+        ]
+        out = Path(self.trainer.default_root_dir) / "samples" / "val.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                text = "\n\n".join(
+                    f"**{r['problem']}** (gold {r['answer']})\n\n    {r['response']}" for r in rows
+                )
+                logger.experiment.add_text("val/samples", text, self.global_step)
+
+
+def flatten(computed: dict) -> dict[str, Tensor]:
+    """MetricCollection output -> flat names (`pass` expands to pass@k)."""
+    flat = {}
+    for key, value in computed.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat

@@ -1,0 +1,48 @@
+"""GRPOModule: G rollouts, binary verifiable reward, group-normalised advantages, clipped ratio."""
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from osftkit.methods.losses import masked_mean, next_token_logprobs
+from osftkit.methods.rollout_module import RolloutModule
+from osftkit.rollout import Rollouts
+
+
+def group_advantages(rewards: Tensor, normalize_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """(prompts, G) rewards -> advantages r - mean(group) [/ std(group)]; equal groups give 0.
+    `normalize_std=False` is Dr. GRPO."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not normalize_std:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True, unbiased=True).nan_to_num(0.0) + eps)
+
+
+class GRPOModule(RolloutModule):
+    """GRPO (Shao et al. 2024). With several mini-batches per generated batch, the ratio is taken
+    against the rollout-time log-probs and clipped to [1 - clip_eps, 1 + clip_eps]."""
+
+    def __init__(self, *, normalize_std: bool = True, clip_eps: float = 0.2, **rollout: Any) -> None:
+        super().__init__(**rollout)
+
+    @property
+    def training_temperature(self) -> float:
+        return self.hparams.tau_sample
+
+    def prepare(self, rollouts: Rollouts, batch: dict) -> dict[str, Tensor]:
+        rewards = self.score(rollouts, batch["answer"]).float()
+        self.log("train/reward", rewards.mean(), prog_bar=True)
+        advantages = group_advantages(rewards, self.hparams.normalize_std).flatten()
+        with torch.no_grad():
+            old_logp, _ = next_token_logprobs(
+                self.model, rollouts.sequences, rollouts.attention_mask, self.training_temperature
+            )
+        return {"advantages": advantages, "old_logp": old_logp}
+
+    def policy_loss(self, rollouts: Rollouts, logp: Tensor, extras: dict[str, Tensor]) -> Tensor:
+        ratio = torch.exp(logp - extras["old_logp"])
+        advantage = extras["advantages"][:, None]
+        eps = self.hparams.clip_eps
+        surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
+        return masked_mean(-surrogate, rollouts.loss_mask, self.hparams.loss_aggregation)

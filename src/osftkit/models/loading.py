@@ -1,0 +1,136 @@
+"""Load a causal LM and its tokenizer: hub id, local directory, or a model the kit builds offline."""
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from osftkit.models.tiny import TinyQwen2Spec, save_tiny
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """What a `model=` config instantiates to: a network and, for language models, its tokenizer."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model path that is neither a local directory nor a reachable hub id."""
+
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _offline_message(path: str, error: Exception) -> str:
+    return (
+        f"Could not load model '{path}': it is not a local directory and the hub could not be "
+        f"reached ({type(error).__name__}). Either pre-download it on a machine with network "
+        f"access (`huggingface-cli download {path} --local-dir /some/dir`) and run with "
+        f"model.path=/some/dir, or use the offline default model=tiny."
+    )
+
+
+def build_once(directory: Path, build: Callable[[Path], None], what: str) -> Path:
+    """Build `directory` with `build` unless it exists; atomic and safe when runs race."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        if (directory / "config.json").exists():
+            return directory
+        log.info("Building %s at %s (once; later runs reuse it)", what, directory)
+        scratch = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        try:
+            build(scratch)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(scratch, directory)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return directory
+
+
+def resolve_path(
+    path: str | None,
+    cache_dir: str | None = None,
+    tiny: TinyQwen2Spec | dict | None = None,
+    build_with: list[str] | None = None,
+) -> str:
+    """Turn a config's model location into something `from_pretrained` can read, building if needed."""
+    if tiny is not None:
+        spec = tiny if isinstance(tiny, TinyQwen2Spec) else TinyQwen2Spec(**tiny)
+        directory = Path(path) if path else Path(cache_dir) / spec.cache_name()
+        return str(build_once(directory, lambda d: save_tiny(spec, d), "the tiny offline model"))
+    if path is None:
+        raise ValueError("model.path is required (a hub id or a local directory)")
+    if build_with is not None:
+        from osftkit.train import build_by_training  # the builder trains with the kit itself
+
+        build = lambda d: build_by_training(build_with, d)  # noqa: E731
+        return str(build_once(Path(path), build, f"model '{Path(path).name}' ({build_with})"))
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    if not HUB_ID.match(path):
+        raise ModelNotFoundError(
+            f"Local model directory '{path}' does not exist. Point model.path to a directory "
+            f"written by save_pretrained, or use a hub id (org/name) on a machine with network."
+        )
+    return path
+
+
+def load_causal_lm(
+    path: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    lora: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    tiny: dict | None = None,
+    build_with: list[str] | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer with `from_pretrained`; optionally wrap the model with LoRA."""
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
+    location = resolve_path(path, cache_dir, tiny, build_with)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ModelNotFoundError(_offline_message(location, error)) from error
+    _ensure_pad_token(tokenizer, model)
+    if lora is not None:
+        model = _wrap_lora(model, lora)
+    return LoadedModel(model=model, tokenizer=tokenizer)
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> None:
+    """Batched generation needs a pad token; fall back to EOS (documented) rather than fail."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token: cannot batch.")
+        log.warning("Tokenizer has no pad token: using EOS '%s' as pad", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _wrap_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))

@@ -1,0 +1,123 @@
+"""run(cfg): seed -> model -> data -> method -> callbacks -> loggers -> Trainer -> fit -> report."""
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from osftkit.checkpointing import AtomicCheckpointIO
+from osftkit.hardware import configure_threads
+from osftkit.models import LoadedModel
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+TRAINER_HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list[Logger]) -> L.Trainer:
+    hardware = {key: cfg.hardware[key] for key in TRAINER_HARDWARE_KEYS if key in cfg.hardware}
+    if isinstance(hardware.get("strategy"), DictConfig):
+        hardware["strategy"] = instantiate(hardware["strategy"])
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **hardware,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=cfg.paths.output_dir,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Named entries (`callbacks`, `logger`) -> objects; an entry set to null is dropped."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry]
+
+
+def build_components(cfg: DictConfig) -> tuple[LoadedModel, L.LightningDataModule, L.LightningModule]:
+    loaded: LoadedModel = instantiate(cfg.model)
+    if loaded.tokenizer is None:
+        return loaded, instantiate(cfg.data), instantiate(cfg.method, model=loaded.model)
+    datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
+    module = instantiate(
+        cfg.method,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        validation=OmegaConf.to_container(cfg.validation, resolve=True),
+        engine=instantiate(cfg.engine),
+    )
+    return loaded, datamodule, module
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train (and evaluate before and after) as configured; returns the final metrics."""
+    configure_threads(cfg.hardware.get("num_threads"))
+    L.seed_everything(cfg.seed, workers=True)
+    loaded, datamodule, module = build_components(cfg)
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), loggers)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    before = trainer.validate(module, datamodule)[0] if cfg.validate_before_fit else {}
+    trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    after = trainer.validate(module, datamodule)[0] if cfg.validate_after_fit else {}
+    after = after or {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        report(before, after)
+        if cfg.get("export_dir"):
+            export(loaded, cfg.export_dir)
+    return {key: float(value) for key, value in after.items()}
+
+
+def export(loaded: LoadedModel, directory: str) -> None:
+    """Save the trained model (LoRA merged) and tokenizer as an HF directory."""
+    model = loaded.model.merge_and_unload() if hasattr(loaded.model, "merge_and_unload") else loaded.model
+    model.save_pretrained(directory)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(directory)
+    log.info("Saved the trained model as an HF directory: %s", directory)
+
+
+def report(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Print validation metrics before and after training side by side."""
+    keys = sorted(k for k in {*before, *after} if k.startswith("val/"))
+    if not keys:
+        return
+    table = Table(title="validation: before -> after training")
+    for column in ("metric", "before", "after"):
+        table.add_column(column)
+    for key in keys:
+        cells = [f"{d[key]:.4f}" if key in d else "-" for d in (before, after)]
+        table.add_row(key, *cells)
+    Console().print(table)
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """The `train` config with overrides, inside or outside a running Hydra app."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra.compose(config_name="train", overrides=overrides)
+    with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra.compose(config_name="train", overrides=overrides)
+
+
+def build_by_training(overrides: list[str], directory: Path) -> None:
+    """Train a model with the kit (e.g. `experiment=arith_base`) and export it to `directory`."""
+    log.info("Training it with: python train.py %s", " ".join(overrides))
+    os.environ.setdefault("OSFTKIT_ROOT", str(CONFIG_DIR.parent))
+    cfg = compose_train_config(
+        [
+            *overrides,
+            f"export_dir={directory}",
+            f"paths.output_dir={directory.parent / (directory.name.split('.')[0] + '.build')}",
+            f"paths.model_dir={directory.parent}",
+        ]
+    )
+    run(cfg)
