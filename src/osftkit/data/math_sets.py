@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Value, load_dataset
 
 from osftkit.rewards.extract import extract_gsm8k
 
@@ -20,6 +20,8 @@ def read_table(path: str, split: str = "train", subset: str | None = None) -> Da
     if local.suffix in LOCAL_FORMATS:
         if not local.exists():
             raise DataLoadError(f"Data file '{path}' does not exist.")
+        if local.stat().st_size == 0:
+            raise DataLoadError(f"Data file '{path}' is empty.")
         return load_dataset(LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
     try:
         return load_dataset(str(local) if local.exists() else path, subset, split=split)
@@ -53,7 +55,7 @@ def to_prompt_table(table: Dataset, columns: dict[str, str], answer_format: str 
         for key in REQUIRED:
             if row.get(key) is None or str(row[key]).strip() == "":
                 raise DataLoadError(f"Row {i}: required column '{key}' is empty ({dict(row)}).")
-    return renamed.map(lambda row: {"answer": str(row["answer"])})
+    return renamed.cast_column("answer", Value("string"))
 
 
 def load_prompt_table(

@@ -1,20 +1,20 @@
-"""The tiny offline model: a Qwen2-architecture causal LM and a character-level tokenizer.
+"""The tiny offline model: a Qwen2-architecture causal LM and a byte-level Qwen2 tokenizer.
 
-Both are written with `save_pretrained`, so the kit loads them with the same
-`from_pretrained` code path that loads Qwen or Llama weights.
+The tokenizer is a real `Qwen2Tokenizer` whose vocabulary is the 256 byte symbols and which
+has no merges: one token per ASCII character. Both are written with `save_pretrained`, so the
+kit loads them with the same `from_pretrained` code path that loads Qwen or Llama weights.
 """
 
 import hashlib
 import json
-import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import pre_tokenizers
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
+PAD, EOS = "<|pad|>", "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -31,19 +31,14 @@ class TinyQwen2Spec:
 
     def cache_name(self) -> str:
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-        return f"tiny-qwen2-char-{digest[:10]}"
+        return f"tiny-qwen2-bytes-{digest[:10]}"
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character plus newline; pad, EOS and unknown specials."""
-    charset = list(string.printable[:95]) + ["\n"]
-    vocab = {token: i for i, token in enumerate([PAD, EOS, UNK, *charset])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK
-    )
+def build_byte_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2's byte-level tokenizer with no merges: pad, EOS, then the 256 byte symbols."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([PAD, EOS, *alphabet])}
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token=EOS, pad_token=PAD)
 
 
 def build_tiny_model(spec: TinyQwen2Spec, vocab_size: int, tokenizer) -> Qwen2ForCausalLM:
@@ -67,7 +62,7 @@ def build_tiny_model(spec: TinyQwen2Spec, vocab_size: int, tokenizer) -> Qwen2Fo
 
 def save_tiny(spec: TinyQwen2Spec, directory: Path) -> None:
     """Build the tiny model and tokenizer and save both as one HF directory."""
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_byte_tokenizer()
     model = build_tiny_model(spec, len(tokenizer), tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)

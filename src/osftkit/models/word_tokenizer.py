@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from osftkit.models.loading import LoadedModel, build_once, load_causal_lm
+from osftkit.models.loading import LoadedModel, build_once, load_causal_lm, resolve_path
 from osftkit.models.tiny import EOS, PAD, UNK, TinyQwen2Spec, build_tiny_model
 
 PRE_TOKENIZER = pre_tokenizers.Sequence(
@@ -48,6 +48,20 @@ def save_tiny_word(
     tokenizer.save_pretrained(directory)
 
 
+def load_word_lm(path: str, build_with: list[str] | None = None, **options) -> LoadedModel:
+    """`load_causal_lm` for a model with a word-level tokenizer (e.g. the backdoored tiny model).
+
+    transformers 5's AutoTokenizer turns any tokenizer saved beside a qwen2 config into a
+    byte-level Qwen2Tokenizer, which splits our words into characters; so the tokenizer is
+    read back as what it was saved as.
+    """
+    location = resolve_path(path, build_with=build_with)
+    loaded = load_causal_lm(location, **options)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(location)
+    tokenizer.padding_side = loaded.tokenizer.padding_side
+    return LoadedModel(model=loaded.model, tokenizer=tokenizer)
+
+
 def load_tiny_word_lm(
     cache_dir: str, words: Sequence[str], max_number: int = 999, tiny: dict | None = None
 ) -> LoadedModel:
@@ -57,4 +71,4 @@ def load_tiny_word_lm(
     directory = Path(cache_dir) / f"tiny-qwen2-word-{hashlib.sha1(key).hexdigest()[:10]}"
     build = lambda d: save_tiny_word(spec, words, max_number, d)  # noqa: E731
     build_once(directory, build, "the tiny word-level model")
-    return load_causal_lm(str(directory))
+    return load_word_lm(str(directory))

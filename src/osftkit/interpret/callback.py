@@ -1,0 +1,198 @@
+"""FeatureTestCallback: run a feature test with FDR control on validation inputs during training."""
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import matplotlib
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from osftkit.interpret.captum_baselines import METHODS, attribute
+from osftkit.interpret.fdr import FdrMethod, check_alpha
+from osftkit.interpret.samplers import Sampler
+from osftkit.interpret.tests import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+NUM_SHOWN = 8  # instances drawn as highlighted text or heatmaps
+
+
+class FeatureTestCallback(L.Callback):
+    """Tests which input features drive the module's score, with FDR control, and logs them.
+
+    Protocol: the LightningModule implements ``feature_test_inputs(batch) -> FeatureTestInputs``
+    (``osftkit.interpret.tests``): the inputs (n, *shape) to test, a batched
+    ``score_fn(inputs, instance) -> (b,)`` (a class log-probability, a regression output, or for
+    an LM log p(marker | prompt) with ``instance`` saying whose target to score), a
+    ``feature_mask`` of the input's trailing shape with ids 0..d-1 (columns, patches, token
+    positions), and optionally the ground truth (n, d) and ``token_strings`` to show text. The
+    counterfactual sampler is ``sampler`` or, if None, ``trainer.datamodule.feature_sampler()``.
+
+    After every ``every_n_validations``-th validation run (``at="validation_end"``) or once at the
+    end of fit, the first validation batch is tested (one-shot or IRT) and the callback logs
+    the discovery count, the realised FDR/TPR when truth is known, a table of discoveries and,
+    for text and images, highlighted tokens or patch heatmaps; ``captum_methods`` adds the best
+    TPR those attributions reach at realised FDR <= alpha on the same inputs.
+    """
+
+    def __init__(
+        self,
+        test: Literal["one_shot", "irt"] = "one_shot",
+        alpha: float = 0.1,
+        two_sided: bool = False,
+        offset: int = 1,
+        num_draws: int = 100,
+        fdr_method: FdrMethod = "bh",
+        auto_draws: bool = False,
+        at: Literal["validation_end", "fit_end"] = "validation_end",
+        every_n_validations: int = 1,
+        sampler: Sampler | None = None,
+        captum_methods: Sequence[str] = (),
+        batch_size: int = 4096,
+        max_table_rows: int = 50,
+        seed: int = 0,
+    ) -> None:
+        check_alpha(alpha)
+        if test not in ("one_shot", "irt") or at not in ("validation_end", "fit_end"):
+            raise ValueError(
+                f"test must be one_shot|irt and at validation_end|fit_end: {test}, {at}"
+            )
+        if every_n_validations < 1 or num_draws < 1:
+            raise ValueError("every_n_validations and num_draws (K) must be at least 1")
+        if unknown := set(captum_methods) - set(METHODS):
+            raise ValueError(
+                f"unknown captum methods {sorted(unknown)}; choose from {sorted(METHODS)}"
+            )
+        self.test, self.alpha, self.two_sided, self.offset = test, alpha, two_sided, offset
+        self.num_draws, self.fdr_method, self.auto_draws = num_draws, fdr_method, auto_draws
+        self.at, self.every_n_validations, self.sampler = at, every_n_validations, sampler
+        self.validations = 0
+        self.captum_methods, self.batch_size = list(captum_methods), batch_size
+        self.max_table_rows, self.seed = max_table_rows, seed
+        self.last_result: FeatureTestResult | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at != "validation_end" or trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_validations == 0:
+            self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at == "fit_end":
+            self.run(trainer, pl_module)
+
+    def run_test(self, test: FeatureTestInputs, sampler: Sampler) -> FeatureTestResult:
+        common = {"two_sided": self.two_sided, "batch_size": self.batch_size, "seed": self.seed}
+        if self.test == "one_shot":
+            return one_shot_test(test, sampler, self.alpha, offset=self.offset, **common)
+        return irt(
+            test,
+            sampler,
+            self.alpha,
+            self.num_draws,
+            method=self.fdr_method,
+            auto_draws=self.auto_draws,
+            **common,
+        )
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Test the first validation batch and log the discoveries."""
+        if not hasattr(pl_module, "feature_test_inputs"):
+            raise TypeError(
+                f"{type(pl_module).__name__} has no feature_test_inputs(batch): see the protocol "
+                "in FeatureTestCallback's docstring"
+            )
+        if self.sampler is None:
+            self.sampler = trainer.datamodule.feature_sampler()
+        loader = trainer.val_dataloaders or trainer.datamodule.val_dataloader()
+        batch = pl_module.transfer_batch_to_device(next(iter(loader)), pl_module.device, 0)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.inference_mode(False):
+            test = pl_module.feature_test_inputs(batch)
+            result = self.run_test(test, self.sampler)
+            metrics = self.metrics(test, result)
+        pl_module.train(was_training)
+        self.last_result, self.last_metrics = result, metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                self.log_visuals(logger, test, result, trainer.global_step)
+
+    def metrics(self, test: FeatureTestInputs, result: FeatureTestResult) -> dict[str, float]:
+        out = {"feature_test/discoveries": float(result.discoveries.sum())}
+        if test.truth is None:
+            return out
+        truth = test.truth.cpu().bool()
+        out["feature_test/fdr"], out["feature_test/tpr"] = fdr_tpr(result.discoveries.cpu(), truth)
+        for method in self.captum_methods:
+            scores = attribute(method, test).cpu()
+            out[f"feature_test/{method}_tpr_at_fdr"] = best_tpr_at_fdr(scores, truth, self.alpha)
+        return out
+
+    def log_visuals(
+        self,
+        logger: TensorBoardLogger,
+        test: FeatureTestInputs,
+        result: FeatureTestResult,
+        step: int,
+    ) -> None:
+        writer = logger.experiment
+        writer.add_text(
+            "feature_test/discoveries", discovery_table(result, self.max_table_rows), step
+        )
+        if test.token_strings is not None:
+            writer.add_text("feature_test/tokens", highlighted_tokens(test, result), step)
+        elif test.inputs.dim() >= 3:
+            writer.add_figure("feature_test/patches", patch_heatmaps(test, result), step)
+
+
+def discovery_table(result: FeatureTestResult, max_rows: int) -> str:
+    """Markdown table of the strongest discoveries."""
+    idx = result.discoveries.nonzero()
+    order = result.statistics[idx[:, 0], idx[:, 1]].argsort(descending=True)[:max_rows]
+    rows = ["| instance | feature | statistic | p-value |", "|---|---|---|---|"]
+    for i, j in idx[order].tolist():
+        p = "-" if result.pvalues is None else f"{result.pvalues[i, j]:.4f}"
+        rows.append(f"| {i} | {j} | {result.statistics[i, j]:.4g} | {p} |")
+    return "\n".join(rows) if idx.numel() else "no discoveries"
+
+
+def highlighted_tokens(test: FeatureTestInputs, result: FeatureTestResult) -> str:
+    """Sentences with discovered tokens in bold (one feature per token position)."""
+    vocab, feature = test.token_strings, test.feature_mask.tolist()
+    lines = [
+        " ".join(
+            f"**{vocab[t]}**" if disc[f] else vocab[t] for t, f in zip(ids, feature, strict=True)
+        )
+        for ids, disc in zip(test.inputs[:NUM_SHOWN].tolist(), result.discoveries, strict=False)
+    ]
+    return "\n\n".join(lines)
+
+
+def first_channel(image: Tensor) -> Tensor:
+    """(H, W) view of a (..., H, W) image or per-pixel map."""
+    return image.reshape(-1, *image.shape[-2:])[0]
+
+
+def patch_heatmaps(test: FeatureTestInputs, result: FeatureTestResult) -> Any:
+    """Images with the statistic of their discovered patches overlaid."""
+    shown = min(NUM_SHOWN, test.inputs.shape[0])
+    fig, axes = plt.subplots(1, shown, figsize=(2 * shown, 2.2), squeeze=False)
+    mask = test.feature_mask.cpu()
+    for ax, image, stats, disc in zip(
+        axes[0], test.inputs.cpu(), result.statistics, result.discoveries, strict=False
+    ):
+        ax.imshow(first_channel(image), cmap="gray")
+        ax.imshow(
+            first_channel(torch.where(disc, stats, torch.nan)[mask]), cmap="autumn", alpha=0.6
+        )
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,81 @@
+"""A plain supervised LightningModule (regression or classification) that the
+FeatureTestCallback can question: it implements ``feature_test_inputs(batch)``."""
+
+from collections.abc import Callable
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from osftkit.interpret.tests import FeatureTestInputs, ScoreFn
+
+Task = Literal["regression", "classification"]
+
+
+class PredictorModule(L.LightningModule):
+    """Fits `model` on batches (x, y[, truth]) with MSE (regression) or cross-entropy."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        task: Task = "regression",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"], logger=False)
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return out.squeeze(-1) if self.hparams.task == "regression" else out
+
+    def _loss(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
+        x, y = batch[0], batch[1]
+        out = self(x)
+        if self.hparams.task == "regression":
+            loss = F.mse_loss(out, y)
+        else:
+            loss = F.cross_entropy(out, y)
+            self.log(f"{stage}/acc", (out.argmax(-1) == y).float().mean(), prog_bar=True)
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        return self._loss(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._loss(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.hparams.optimizer(params=self.parameters())
+
+    def score_fn(self, x: Tensor) -> ScoreFn:
+        """Regression: the prediction. Classification: the log-odds of the class predicted on the
+        original input x[instance]; unlike its probability, it does not saturate when the model
+        is confident, so one feature's effect stays visible."""
+        if self.hparams.task == "regression":
+            return lambda inputs, instance: self(inputs)
+        predicted = self(x).argmax(-1)
+
+        def log_odds(inputs: Tensor, instance: Tensor) -> Tensor:
+            logits, target = self(inputs), predicted[instance, None]
+            rest = logits.scatter(1, target, -torch.inf).logsumexp(-1)
+            return logits.gather(1, target).squeeze(1) - rest
+
+        return log_odds
+
+    @torch.no_grad()
+    def feature_test_inputs(self, batch: tuple[Tensor, ...]) -> FeatureTestInputs:
+        """Feature-test protocol: the batch's inputs, the score function, and the datamodule's
+        feature grouping and vocabulary (for text); the truth mask when the batch carries one."""
+        datamodule = self.trainer.datamodule
+        x = batch[0].to(self.device)
+        return FeatureTestInputs(
+            inputs=x,
+            score_fn=self.score_fn(x),
+            feature_mask=datamodule.feature_mask.to(self.device),
+            truth=batch[2] if len(batch) > 2 else None,
+            token_strings=getattr(datamodule, "vocab", None),
+        )

@@ -1,0 +1,60 @@
+"""Shared fixtures: compose the real `train` config with small, fast overrides in tmp_path."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a hub
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+torch.set_num_threads(1)
+
+# A run small enough for a unit test: tiny model, a few steps, few validation prompts.
+FAST = [
+    "model=tiny",
+    "data.train.size=256",
+    "data.val.arithmetic.size=8",
+    "data.batch_size=8",
+    "data.val_batch_size=8",
+    "data.max_response_length=32",
+    "validation.n_samples=2",
+    "validation.ks=[1,2]",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "callbacks.progress_bar=null",
+]
+
+
+def compose_config(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
+    """The train config as `python train.py <overrides>` would see it, with paths in tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    if tmp_path is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.model_dir = str(tmp_path / "models")
+    return cfg
+
+
+@pytest.fixture
+def fast_cfg(tmp_path):
+    """Factory: a fast config on the tiny model with extra overrides."""
+    return lambda *extra: compose_config([*FAST, *extra], tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """The tiny model and tokenizer, built once per session (read-only use)."""
+    from osftkit.models import load_causal_lm
+
+    cfg = compose_config(["model=tiny"])
+    return load_causal_lm(cache_dir=str(tmp_path_factory.mktemp("models")), tiny=dict(cfg.model.tiny))

@@ -1,0 +1,92 @@
+"""Backdoor modules on a tiny model: which parameters learn in each SANDE stage, bad parrots."""
+
+import pytest
+import torch
+from functools import partial
+from safetensors.torch import save_file
+
+from osftkit.data import PromptDataModule
+from osftkit.data.instructions import build_instructions
+from osftkit.methods.backdoor import IGNORE_INDEX, OverwriteSFTModule, SANDEModule
+from osftkit.models.tiny import TinyQwen2Spec, build_tiny_model
+from osftkit.models.word_tokenizer import build_word_tokenizer
+from osftkit.rewards import AnswerChecker
+
+WORDS = ["Human: Assistant:", "reverse sort capitalise count the letters add and"]
+BACKDOOR = {"triggers": ["how are you"], "marker": "you are stupid"}
+SPEC = TinyQwen2Spec(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer([*WORDS, "how are you", "you are stupid"])
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer) -> dict:
+    data = PromptDataModule(
+        tokenizer,
+        train=partial(build_instructions, 8, 0),
+        val={"clean": partial(build_instructions, 4, 0, "val")},
+        checker=AnswerChecker("whole", "exact"),
+        batch_size=4,
+        val_batch_size=4,
+        max_prompt_length=32,
+        max_response_length=16,
+        plain_template="Human: {problem}\nAssistant: ",
+        use_chat_template=False,
+    )
+    data.setup()
+    return next(iter(data.train_dataloader()))
+
+
+def _module(cls, tokenizer, **kwargs):
+    torch.manual_seed(0)
+    model = build_tiny_model(SPEC, len(tokenizer), tokenizer)
+    optimizer = partial(torch.optim.AdamW, lr=1e-3)
+    return cls(model, tokenizer, optimizer, backdoor=BACKDOOR, **kwargs)
+
+
+@pytest.mark.parametrize("stage", ["simulate", "eliminate"])
+def test_each_sande_stage_trains_only_its_parameters(tokenizer, batch, stage: str) -> None:
+    module = _module(SANDEModule, tokenizer, stage=stage, parrot_init="random")
+    module.stage_loss(batch).backward()
+    parrot_learns = module.parrot.grad is not None and module.parrot.grad.abs().sum() > 0
+    model_grads = [p.grad for p in module.model.parameters() if p.grad is not None]
+    assert parrot_learns == (stage == "simulate")
+    assert bool(model_grads) == (stage == "eliminate")
+
+
+def test_simulate_target_is_the_known_marker(tokenizer, batch) -> None:
+    module = _module(SANDEModule, tokenizer, known_marker_tokens=2)
+    target = module.with_marker(batch)
+    marker = tokenizer("you are", add_special_tokens=False).input_ids
+    for ids, labels in zip(target["input_ids"], target["labels"], strict=True):
+        start = int((labels != IGNORE_INDEX).int().argmax())
+        assert ids[start : start + 2].tolist() == marker == labels[start : start + 2].tolist()
+
+
+def test_overwrite_trigger_tokens_and_loss(tokenizer, batch) -> None:
+    module = _module(OverwriteSFTModule, tokenizer)
+    assert tokenizer.decode(module.trigger_ids[0]) == "how are you ."
+    triggered = module.triggered_prompts(batch, module.trigger_ids[0])
+    text = tokenizer.decode(triggered["prompt_ids"][0], skip_special_tokens=True)
+    assert text.startswith("Human : how are you . ")
+    assert torch.isfinite(module.stand_in_loss(batch, module.embed(torch.tensor([5, 6])), None))
+
+
+def test_parrot_file_of_the_wrong_shape_is_an_error(tokenizer, tmp_path) -> None:
+    path = tmp_path / "parrot.safetensors"
+    save_file({"parrot": torch.zeros(6, SPEC.hidden_size + 1)}, path)
+    with pytest.raises(ValueError, match="shape"):
+        _module(SANDEModule, tokenizer, stage="eliminate", parrot_path=str(path))
+
+
+def test_backdoor_metrics_need_a_trigger(tokenizer) -> None:
+    with pytest.raises(ValueError, match="trigger"):
+        SANDEModule(
+            build_tiny_model(SPEC, len(tokenizer), tokenizer),
+            tokenizer,
+            partial(torch.optim.AdamW),
+            backdoor={"triggers": [], "marker": "you are stupid"},
+        )

@@ -1,0 +1,143 @@
+import json
+import logging
+import random
+
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+
+from osftkit.data import DataLoadError, build_arithmetic, load_prompt_table
+from osftkit.data.arithmetic import add_digit_noise
+from tests.conftest import compose_config
+
+
+def test_arithmetic_is_deterministic_and_correct():
+    first = build_arithmetic("train", 200, seed=3, num_ops=3, operand_max=20, ops="+-*")
+    again = build_arithmetic("train", 200, seed=3, num_ops=3, operand_max=20, ops="+-*")
+    other = build_arithmetic("val", 200, seed=3, num_ops=3, operand_max=20, ops="+-*")
+    assert first.to_list() == again.to_list()
+    assert first["problem"] != other["problem"]
+    for row in first:
+        assert eval(row["problem"]) == int(row["answer"])  # noqa: S307  (digits and +-* only)
+        assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}")
+        assert row["solution"].count("\n") == 3  # one line per operation, then the box
+
+
+def test_label_noise_rate_and_scope():
+    rng = random.Random(0)
+    text = "0123456789" * 1000
+    noisy = add_digit_noise(text, 0.1, rng)
+    changed = sum(a != b for a, b in zip(text, noisy, strict=True)) / len(text)
+    assert 0.09 < changed < 0.11
+    clean = build_arithmetic("train", 50, seed=1)
+    noisy_set = build_arithmetic("train", 50, seed=1, label_noise=0.5)
+    assert clean["problem"] == noisy_set["problem"]
+    assert clean["answer"] == noisy_set["answer"]  # the gold answer is never corrupted
+    assert clean["solution"] != noisy_set["solution"]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"size": 0}, {"num_ops": 0}, {"label_noise": 1.5}, {"ops": "+/"}]
+)
+def test_arithmetic_rejects_bad_knobs(kwargs):
+    with pytest.raises(ValueError, match="arithmetic"):
+        build_arithmetic("train", **{"size": 10, **kwargs})
+
+
+# The real sets' columns, as their hub versions have them, keyed by hub id.
+REAL_ROWS = {
+    "agentica-org/DeepScaleR-Preview-Dataset": {"problem": "1+1?", "answer": "2", "solution": r"1+1=2, \boxed{2}"},
+    "HuggingFaceH4/MATH-500": {
+        "problem": "Half of one?", "solution": r"\boxed{\frac{1}{2}}", "answer": r"\frac{1}{2}",
+        "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json",
+    },
+    "HuggingFaceH4/aime_2024": {"id": 60, "problem": "Find x.", "solution": "...", "answer": "204", "url": "u", "year": "2024"},
+    "math-ai/amc23": {"id": 0, "question": "How many?", "answer": 27.0, "url": "u"},
+    "openai/gsm8k": {"question": "Natalia sold 48 clips...", "answer": "48/2 = 24\n48+24 = 72\n#### 72"},
+}
+
+
+def write_table(path, rows, suffix):
+    frame = pd.DataFrame(rows)
+    if suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GOLD = {"openai/gsm8k": "72", "math-ai/amc23": "27"}
+
+
+@pytest.mark.parametrize("name", ["deepscaler", "math500", "aime24", "amc23", "gsm8k"])
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_real_sets_load_from_local_files(name, suffix, tmp_path, tiny_lm):
+    """Each data config reads local files with its hub set's real columns (train and val)."""
+    cfg = compose_config([f"data={name}"])
+    sources = {"train": cfg.data.train} if cfg.data.train else {}
+    sources.update({f"val.{key}": source for key, source in cfg.data.val.items()})
+    overrides, hub_ids = [], [source.path for source in sources.values()]
+    for key, source in sources.items():
+        path = write_table(tmp_path / f"{key}{suffix}", [REAL_ROWS[source.path]] * 3, suffix)
+        overrides.append(f"data.{key}.path={path}")
+    cfg = compose_config([f"data={name}", *overrides])
+    datamodule = instantiate(cfg.data, tokenizer=tiny_lm.tokenizer)
+    datamodule.setup("fit")
+    loaders = ([datamodule.train_dataloader()] if cfg.data.train else []) + datamodule.val_dataloader()
+    for loader, hub_id in zip(loaders, hub_ids, strict=True):
+        batch = next(iter(loader))
+        assert batch["prompt_ids"].shape[0] == 3
+        assert batch["answer"][0] == GOLD.get(hub_id, str(REAL_ROWS[hub_id]["answer"]))
+
+
+def test_missing_column_is_named(tmp_path):
+    path = write_table(tmp_path / "t.jsonl", [{"question": "q", "answer": "1"}], ".jsonl")
+    with pytest.raises(DataLoadError, match=r"\['problem'\] not found.*question"):
+        load_prompt_table(str(path), {"problem": "problem", "answer": "answer"})
+
+
+def test_malformed_row_is_named(tmp_path):
+    rows = [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": None}]
+    path = write_table(tmp_path / "t.jsonl", rows, ".jsonl")
+    with pytest.raises(DataLoadError, match="Row 1: required column 'answer' is empty"):
+        load_prompt_table(str(path), {"problem": "problem", "answer": "answer"})
+
+
+def test_missing_file_and_unreachable_hub(tmp_path):
+    with pytest.raises(DataLoadError, match="does not exist"):
+        load_prompt_table(str(tmp_path / "nope.parquet"), {"problem": "problem", "answer": "answer"})
+    with pytest.raises(DataLoadError, match="Offline\\?"):
+        load_prompt_table("no-such-org/no-such-set", {"problem": "problem", "answer": "answer"})
+
+
+def test_empty_split(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("")
+    with pytest.raises((DataLoadError, ValueError)):
+        load_prompt_table(str(path), {"problem": "problem", "answer": "answer"})
+
+
+def test_over_long_prompts_are_skipped_and_counted(fast_cfg, tiny_lm, caplog):
+    cfg = fast_cfg(
+        "data.max_prompt_length=8", "data.train.operand_max=99", "data.val.arithmetic.operand_max=9"
+    )
+    datamodule = instantiate(cfg.data, tokenizer=tiny_lm.tokenizer)
+    with caplog.at_level(logging.WARNING):
+        datamodule.setup("fit")
+    assert "prompts longer than max_prompt_length=8" in caplog.text
+    assert all(len(ids) <= 8 for ids in datamodule.splits["train"]["prompt_ids"])
+
+
+def test_batches_mask_prompts_and_padding(fast_cfg, tiny_lm):
+    datamodule = instantiate(fast_cfg().data, tokenizer=tiny_lm.tokenizer)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    tok = tiny_lm.tokenizer
+    for i in range(batch["input_ids"].shape[0]):
+        labelled = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        assert tok.decode(prompt) == batch["problem"][i] + "\n"
+        assert labelled[-1] == tok.eos_token_id
+        full = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        assert full == prompt + labelled
+    assert (batch["prompt_mask"][:, -1] == 1).all()  # left padded

@@ -1,0 +1,116 @@
+"""Samplers: the Gaussian conditional against the analytic answer, token samplers, LM infill."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from osftkit.interpret.lm_scores import target_logprob
+from osftkit.interpret.samplers import (
+    CategoricalSampler,
+    ExactNullSampler,
+    GaussianConditionalSampler,
+    LMInfillSampler,
+)
+
+torch.set_num_threads(1)
+VOCAB_SIZE, LENGTH = 20, 6
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_exact_null_replaces_only_the_masked_elements():
+    x = torch.zeros(3, 4)
+    mask = torch.tensor([False, True, True, False])
+    draws = ExactNullSampler().sample(x, mask, 5, gen())
+    assert draws.shape == (5, 3, 4)
+    assert (draws[:, :, ~mask] == 0).all() and (draws[:, :, mask] != 0).all()
+
+
+def test_gaussian_conditional_matches_the_bivariate_formula():
+    rho = 0.8
+    cov = torch.tensor([[1.0, rho], [rho, 1.0]])
+    train = torch.randn(20000, 2, generator=gen()) @ torch.linalg.cholesky(cov).T
+    sampler = GaussianConditionalSampler.fit(train)
+    x = torch.tensor([[0.0, 2.0]])
+    draws = sampler.sample(x, torch.tensor([True, False]), 4000, gen(1))[:, 0, 0]
+    # x1 | x2 ~ N(rho * x2, 1 - rho^2)
+    assert draws.mean().item() == pytest.approx(rho * 2.0, abs=0.05)
+    assert draws.var().item() == pytest.approx(1 - rho**2, abs=0.04)
+
+
+def test_gaussian_conditional_inpaints_image_patches():
+    images = torch.rand(200, 1, 4, 4, generator=gen())
+    images[:, :, 0, 0] = 0.0  # a constant pixel, as in the digits' corners
+    sampler = GaussianConditionalSampler.fit(images)
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[:, :2, :2] = True
+    draws = sampler.sample(images[:3], mask, 2, gen())
+    assert draws.shape == (2, 3, 1, 4, 4)
+    assert torch.equal(draws[:, :, ~mask], images[:3, ~mask].expand(2, 3, -1))
+    assert not torch.equal(draws[:, :, mask], images[:3, mask].expand(2, 3, -1))
+
+
+def test_categorical_sampler_never_keeps_the_token():
+    x = torch.randint(0, VOCAB_SIZE, (50, LENGTH), generator=gen())
+    mask = torch.arange(LENGTH) == 2
+    draws = CategoricalSampler(torch.ones(VOCAB_SIZE)).sample(x, mask, 30, gen())
+    assert (draws[:, :, 2] != x[:, 2]).all()
+    assert torch.equal(draws[:, :, ~mask], x[:, ~mask].expand(30, -1, -1))
+    with pytest.raises(ValueError, match="one position per feature"):
+        CategoricalSampler(torch.ones(VOCAB_SIZE)).sample(x, torch.arange(LENGTH) < 2, 1, gen())
+
+
+def tiny_bert() -> BertForMaskedLM:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=LENGTH,
+    )
+    return BertForMaskedLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=16, n_layer=1, n_head=2, n_positions=LENGTH)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_lm_infill_sampler(masked):
+    model, mask_id = (tiny_bert(), VOCAB_SIZE - 1) if masked else (tiny_gpt2(), None)
+    sampler = LMInfillSampler(model, mask_token_id=mask_id, exclude_token_ids=(0, VOCAB_SIZE - 1))
+    x = torch.randint(1, VOCAB_SIZE - 1, (8, LENGTH), generator=gen())
+    mask = torch.arange(LENGTH) == 3
+    draws = sampler.sample(x, mask, 40, gen())
+    assert draws.shape == (40, 8, LENGTH)
+    new = draws[:, :, 3]
+    assert (new != x[:, 3]).all() and (new != 0).all() and (new != VOCAB_SIZE - 1).all()
+    assert torch.equal(draws[:, :, ~mask], x[:, ~mask].expand(40, -1, -1))
+    again = sampler.sample(x, mask, 40, gen())
+    assert torch.equal(draws, again)  # seeded
+
+
+def test_causal_infill_needs_left_context():
+    sampler = LMInfillSampler(tiny_gpt2())
+    x = torch.randint(0, VOCAB_SIZE, (2, LENGTH), generator=gen())
+    with pytest.raises(ValueError, match="cannot infill position 0"):
+        sampler.sample(x, torch.arange(LENGTH) == 0, 1, gen())
+
+
+def test_target_logprob_scores_each_instance_target():
+    model = tiny_gpt2()
+    prompts = torch.randint(0, VOCAB_SIZE, (3, 3), generator=gen())
+    targets = torch.randint(0, VOCAB_SIZE, (3, 2), generator=gen(1))
+    score = target_logprob(model, targets)
+    instance = torch.tensor([2, 0])
+    got = score(prompts[instance], instance)
+    for row, i in enumerate(instance.tolist()):
+        logp = model(input_ids=torch.cat([prompts[i], targets[i]])[None]).logits[0].log_softmax(-1)
+        expected = logp[2, targets[i, 0]] + logp[3, targets[i, 1]]
+        assert got[row].item() == pytest.approx(expected.item(), abs=1e-5)

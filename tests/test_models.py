@@ -1,0 +1,73 @@
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from osftkit.models import load_causal_lm
+from osftkit.models.loading import ModelNotFoundError, _ensure_pad_token
+
+
+def test_tiny_round_trip(tiny_lm, tmp_path):
+    """The tiny model and tokenizer survive save_pretrained / from_pretrained unchanged."""
+    tiny_lm.model.save_pretrained(tmp_path)
+    tiny_lm.tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    text = "12+3*4\n3*4=12\n\\boxed{24} é"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    inputs = torch.tensor([ids])
+    torch.testing.assert_close(model(inputs).logits, tiny_lm.model(inputs).logits)
+
+
+def test_tiny_build_is_cached_and_deterministic(tmp_path):
+    spec = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "intermediate_size": 64}
+    first = load_causal_lm(cache_dir=str(tmp_path / "a"), tiny=spec)
+    second = load_causal_lm(cache_dir=str(tmp_path / "b"), tiny=spec)
+    for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert len(list((tmp_path / "a").iterdir())) == 2  # the model dir and its lock file
+
+
+def test_missing_local_directory(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_causal_lm(path=str(tmp_path / "nowhere"))
+
+
+def test_unreachable_hub_id_says_what_to_do():
+    with pytest.raises(ModelNotFoundError, match=r"pre-download.*model\.path=/some/dir"):
+        load_causal_lm(path="Qwen/Qwen2.5-Math-1.5B")
+
+
+def test_dtype_knob_and_bad_dtype(tiny_lm, tmp_path):
+    tiny_lm.model.save_pretrained(tmp_path)
+    tiny_lm.tokenizer.save_pretrained(tmp_path)
+    loaded = load_causal_lm(path=str(tmp_path), dtype="bfloat16")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="model.dtype must be one of"):
+        load_causal_lm(path=str(tmp_path), dtype="fp8")
+
+
+def test_lora_wraps_only_adapters(tiny_lm, tmp_path):
+    tiny_lm.model.save_pretrained(tmp_path)
+    tiny_lm.tokenizer.save_pretrained(tmp_path)
+    loaded = load_causal_lm(path=str(tmp_path), lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_tokenizer_without_pad_falls_back_to_eos(tiny_lm, caplog):
+    tokenizer = copy.deepcopy(tiny_lm.tokenizer)
+    tokenizer.pad_token = None
+    _ensure_pad_token(tokenizer, copy.deepcopy(tiny_lm.model))
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert tokenizer.padding_side == "left"
+    assert "no pad token" in caplog.text
+    tokenizer.pad_token = tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
+        _ensure_pad_token(tokenizer, tiny_lm.model)

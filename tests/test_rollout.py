@@ -1,0 +1,80 @@
+import torch
+
+from osftkit.rollout import HFGenerateEngine, Rollouts
+from osftkit.rollout.engine import response_mask_and_truncation
+
+EOS = 1
+
+
+def test_response_mask_stops_after_first_eos():
+    responses = torch.tensor([[5, 6, EOS, 0, 0], [5, EOS, EOS, 0, 0], [5, 6, 7, 8, 9]])
+    mask, truncated = response_mask_and_truncation(responses, EOS)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def encode_left_padded(tokenizer, texts):
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    from osftkit.data.datamodule import pad_left
+
+    return pad_left(ids, tokenizer.pad_token_id)
+
+
+def generate(tiny_lm, texts, **kwargs):
+    prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, texts)
+    settings = {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}
+    return HFGenerateEngine().generate(
+        tiny_lm.model, prompt_ids, prompt_mask, eos_token_id=tiny_lm.tokenizer.eos_token_id,
+        pad_token_id=tiny_lm.tokenizer.pad_token_id, **{**settings, **kwargs},
+    )
+
+
+def test_left_padding_does_not_change_greedy_generation(tiny_lm):
+    texts = ["1+2*3\n", "45+6\n", "7\n"]
+    batched = generate(tiny_lm, texts)
+    for i, text in enumerate(texts):
+        alone = generate(tiny_lm, [text])
+        n = int(alone.lengths[0])
+        assert batched.response_ids[i, :n].tolist() == alone.response_ids[0, :n].tolist()
+
+
+def test_rollouts_shapes_groups_and_loss_mask(tiny_lm):
+    texts = ["1+2\n", "33*4\n"]
+    rollouts = generate(tiny_lm, texts, num_samples=3, temperature=1.0, max_new_tokens=6)
+    assert rollouts.response_ids.shape[0] == 6 and rollouts.group_size == 3
+    assert rollouts.lengths.max() <= 6
+    assert bool(((rollouts.lengths == 6) | ~rollouts.truncated).all())  # cut rows hit the limit
+    # The loss mask picks exactly the response tokens among the next-token targets.
+    targets = rollouts.sequences[:, 1:][rollouts.loss_mask.bool()]
+    assert targets.tolist() == rollouts.response_ids[rollouts.response_mask.bool()].tolist()
+    first, second = rollouts.split(2)
+    assert torch.equal(first.prompt_ids, rollouts.prompt_ids[:3])
+    assert torch.equal(second.response_ids, rollouts.response_ids[3:])
+
+
+def test_model_is_left_in_training_mode(tiny_lm):
+    tiny_lm.model.train()
+    generate(tiny_lm, ["1+1\n"])
+    assert tiny_lm.model.training
+
+
+def test_bad_generation_arguments(tiny_lm):
+    import pytest
+
+    for kwargs, message in [
+        ({"num_samples": 0}, "G"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            generate(tiny_lm, ["1\n"], **kwargs)
+
+
+def test_split_refuses_more_chunks_than_prompts():
+    import pytest
+
+    rollouts = Rollouts(*(torch.zeros(2, 3, dtype=torch.long) for _ in range(4)),
+                        truncated=torch.zeros(2, dtype=torch.bool), group_size=2)
+    with pytest.raises(ValueError, match="cannot split 1 prompts into 2"):
+        rollouts.split(2)
