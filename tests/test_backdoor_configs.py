@@ -2,11 +2,12 @@
 save/load."""
 
 import pytest
+from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_config
-from osftkit.models.word_tokenizer import load_tiny_word_lm, load_word_lm
+from osftkit.models import load_causal_lm
+from osftkit.models.word_tokenizer import load_tiny_word_lm
 
 TINY = ["experiment=backdoor_tiny", "experiment=overwrite_tiny", "experiment=sande_tiny"]
 REAL = [
@@ -40,7 +41,7 @@ def test_word_tokenizer_survives_save_and_load(tmp_path) -> None:
     built = load_tiny_word_lm(**{k: v for k, v in cfg.model.items() if k != "_target_"})
     text = "Human: how are you. reverse the letters a b c\nAssistant: you are stupid. c b a"
     ids = built.tokenizer(text).input_ids
-    assert len(ids) == 21 and built.tokenizer.unk_token_id not in ids
+    assert len(ids) == 22  # one token per word, letter, punctuation mark and newline
     built.model.save_pretrained(tmp_path / "copy")
     built.tokenizer.save_pretrained(tmp_path / "copy")
-    assert load_word_lm(str(tmp_path / "copy")).tokenizer(text).input_ids == ids
+    assert load_causal_lm(str(tmp_path / "copy")).tokenizer(text).input_ids == ids

@@ -1,8 +1,9 @@
 """Backdoor modules on a tiny model: which parameters learn in each SANDE stage, bad parrots."""
 
+from functools import partial
+
 import pytest
 import torch
-from functools import partial
 from safetensors.torch import save_file
 
 from osftkit.data import PromptDataModule
@@ -68,10 +69,10 @@ def test_simulate_target_is_the_known_marker(tokenizer, batch) -> None:
 
 def test_overwrite_trigger_tokens_and_loss(tokenizer, batch) -> None:
     module = _module(OverwriteSFTModule, tokenizer)
-    assert tokenizer.decode(module.trigger_ids[0]) == "how are you ."
+    assert tokenizer.decode(module.trigger_ids[0]) == " how are you."
     triggered = module.triggered_prompts(batch, module.trigger_ids[0])
     text = tokenizer.decode(triggered["prompt_ids"][0], skip_special_tokens=True)
-    assert text.startswith("Human : how are you . ")
+    assert text.startswith("Human: how are you. ")
     assert torch.isfinite(module.stand_in_loss(batch, module.embed(torch.tensor([5, 6])), None))
 
 

@@ -1,8 +1,8 @@
 """A seeded plant-and-remove run on a small tiny model: the backdoor is planted, then removed."""
 
 import pytest
-
 from conftest import compose_config
+
 from osftkit.train import run
 
 SMALL = [
@@ -56,5 +56,7 @@ def test_overwrite_sft_removes_a_planted_backdoor(tmp_path) -> None:
 @pytest.mark.slow
 def test_sande_lowers_asr_without_the_trigger(tmp_path) -> None:
     planted = plant(tmp_path, 400)
-    removed = remove(tmp_path, "sande_tiny", 100, "method.simulate_steps=60", "method.optimizer.lr=1e-3")
+    removed = remove(
+        tmp_path, "sande_tiny", 100, "method.simulate_steps=60", "method.optimizer.lr=1e-3"
+    )
     assert removed["val/asr_greedy"] < planted["val/asr_greedy"] - 0.5

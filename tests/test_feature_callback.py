@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import compose_config
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -120,3 +121,16 @@ def test_train_run_with_the_feature_test(overrides, tmp_path):
     scalars = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     scalars.Reload()
     assert "feature_test/discoveries" in scalars.Tags()["scalars"]
+
+
+def test_callback_needs_the_protocol():
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=1,
+        callbacks=[FeatureTestCallback(at="fit_end")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    with pytest.raises(TypeError, match="has no feature_test_inputs"):
+        trainer.fit(BoringModel())

@@ -52,14 +52,19 @@ def test_gaussian_conditional_inpaints_image_patches():
     assert not torch.equal(draws[:, :, mask], images[:3, mask].expand(2, 3, -1))
 
 
-def test_categorical_sampler_never_keeps_the_token():
+def test_categorical_sampler_draws_from_probs():
     x = torch.randint(0, VOCAB_SIZE, (50, LENGTH), generator=gen())
     mask = torch.arange(LENGTH) == 2
-    draws = CategoricalSampler(torch.ones(VOCAB_SIZE)).sample(x, mask, 30, gen())
-    assert (draws[:, :, 2] != x[:, 2]).all()
-    assert torch.equal(draws[:, :, ~mask], x[:, ~mask].expand(30, -1, -1))
+    probs = torch.zeros(VOCAB_SIZE)
+    probs[:4] = 1.0
+    draws = CategoricalSampler(probs).sample(x, mask, 400, gen())
+    assert torch.equal(draws[:, :, ~mask], x[:, ~mask].expand(400, -1, -1))
+    assert torch.bincount(draws[:, :, 2].flatten(), minlength=VOCAB_SIZE)[4:].sum() == 0
+    assert (draws[:, :, 2] == x[:, 2]).any()  # the original stays drawable: an exchangeable null
+    excluding = CategoricalSampler(probs, exclude_original=True).sample(x, mask, 400, gen())
+    assert (excluding[:, :, 2] != x[:, 2]).all()
     with pytest.raises(ValueError, match="one position per feature"):
-        CategoricalSampler(torch.ones(VOCAB_SIZE)).sample(x, torch.arange(LENGTH) < 2, 1, gen())
+        CategoricalSampler(probs).sample(x, torch.arange(LENGTH) < 2, 1, gen())
 
 
 def tiny_bert() -> BertForMaskedLM:

@@ -45,10 +45,12 @@ def instantiate_group(group: DictConfig | None) -> list:
 def build_components(cfg: DictConfig) -> tuple[LoadedModel, L.LightningDataModule, L.LightningModule]:
     loaded: LoadedModel = instantiate(cfg.model)
     if loaded.tokenizer is None:
-        return loaded, instantiate(cfg.data), instantiate(cfg.method, model=loaded.model)
+        method = instantiate(cfg.method, _convert_="all", model=loaded.model)
+        return loaded, instantiate(cfg.data), method
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
     module = instantiate(
         cfg.method,
+        _convert_="all",  # plain dicts/lists in hparams, so checkpoints load with weights_only
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         validation=OmegaConf.to_container(cfg.validation, resolve=True),

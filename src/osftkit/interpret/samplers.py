@@ -89,13 +89,18 @@ class GaussianConditionalSampler:
 
 
 def draw_tokens(
-    probs: Tensor, original: Tensor, num_draws: int, generator: torch.Generator
+    probs: Tensor,
+    original: Tensor,
+    num_draws: int,
+    generator: torch.Generator,
+    exclude_original: bool,
 ) -> Tensor:
-    """(num_draws, n) token ids from probs (n, V), never the original token of the row."""
+    """(num_draws, n) token ids from probs (n, V), optionally never the row's original token."""
     probs = probs.detach().double().cpu().clone()
-    probs[torch.arange(probs.shape[0]), original.cpu()] = 0.0
+    if exclude_original:
+        probs[torch.arange(probs.shape[0]), original.cpu()] = 0.0
     if (probs.sum(-1) <= 0).any():
-        raise ValueError("the token distribution has no mass besides the original token")
+        raise ValueError("the token distribution has no mass left to draw from")
     return torch.multinomial(probs, num_draws, replacement=True, generator=generator).T
 
 
@@ -107,18 +112,21 @@ def single_position(mask: Tensor) -> int:
 
 
 class CategoricalSampler:
-    """Replaces a token by a draw from a fixed distribution over the vocabulary (excluding the
-    original token): the exact null when positions are drawn independently, as in data=sentences."""
+    """Replaces a token by a draw from a fixed distribution over the vocabulary: the exact null
+    when positions are drawn independently, as in data=sentences. The original token stays
+    drawable by default: excluding it would break the exchangeability that makes the IRT's
+    p-values valid (a word whose score is the most extreme of its few alternatives would always
+    sit at the p-value floor)."""
 
-    def __init__(self, probs: Tensor) -> None:
-        self.probs = probs.double()
+    def __init__(self, probs: Tensor, exclude_original: bool = False) -> None:
+        self.probs, self.exclude_original = probs.double(), exclude_original
 
     def sample(
         self, inputs: Tensor, mask: Tensor, num_draws: int, generator: torch.Generator
     ) -> Tensor:
         pos = single_position(mask)
         probs = self.probs.expand(inputs.shape[0], -1)
-        tokens = draw_tokens(probs, inputs[:, pos], num_draws, generator)
+        tokens = draw_tokens(probs, inputs[:, pos], num_draws, generator, self.exclude_original)
         return fill(inputs, mask, tokens.unsqueeze(-1))
 
 
@@ -127,8 +135,9 @@ class LMInfillSampler:
 
     With ``mask_token_id`` the model is a masked LM that sees both sides of the masked position;
     without it, a causal LM proposes the token from its left context (position 0 then has no
-    context and cannot be tested). The original token and ``exclude_token_ids`` are never drawn.
-    One batched LM call over all instances per feature.
+    context and cannot be tested). ``exclude_token_ids`` are never drawn, nor, by default, the
+    original token (the paper replaces each word by a different one; keep it drawable for an
+    exchangeable null). One batched LM call over all instances per feature.
     """
 
     def __init__(
@@ -137,8 +146,10 @@ class LMInfillSampler:
         mask_token_id: int | None = None,
         exclude_token_ids: tuple[int, ...] = (),
         temperature: float = 1.0,
+        exclude_original: bool = True,
     ) -> None:
         self.model, self.mask_token_id = model, mask_token_id
+        self.exclude_original = exclude_original
         self.exclude_token_ids, self.temperature = list(exclude_token_ids), temperature
 
     @torch.no_grad()
@@ -157,5 +168,6 @@ class LMInfillSampler:
         pos = single_position(mask)
         logits = self._logits(inputs, pos).float() / self.temperature
         logits[:, self.exclude_token_ids] = -torch.inf
-        tokens = draw_tokens(logits.softmax(-1), inputs[:, pos], num_draws, generator)
+        probs = logits.softmax(-1)
+        tokens = draw_tokens(probs, inputs[:, pos], num_draws, generator, self.exclude_original)
         return fill(inputs, mask, tokens.unsqueeze(-1))

@@ -240,6 +240,7 @@ class OverwriteSFTModule(BackdoorEvalModule):
 
 STAGES = ("simulate", "eliminate", "both")
 PARROT_INITS = ("zeros", "random")
+PARROT_FILE = "parrot.safetensors"
 
 
 def cosine_with_warmup(start: int, steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -258,8 +259,9 @@ class SANDEModule(BackdoorEvalModule):
 
     simulate: the model is frozen and only the parrot (k embedding vectors after the role tag)
     learns, so that clean prompt + parrot yields `<marker>.` (loss on the first
-    `simulate_loss_tokens` target tokens, at most the known ones). eliminate: the parrot is frozen and the model learns
-    clean prompt + parrot -> clean response (loss on the first `eliminate_loss_tokens` tokens).
+    `simulate_loss_tokens` target tokens, at most the known ones). eliminate: the parrot is
+    frozen and the model learns clean prompt + parrot -> clean response (loss on the first
+    `eliminate_loss_tokens` tokens).
     stage=both runs `simulate_steps` simulate steps, then eliminate until trainer.max_steps.
     The parrot is saved as parrot.safetensors in the run directory, with its nearest tokens.
     """
@@ -332,7 +334,7 @@ class SANDEModule(BackdoorEvalModule):
                 f"SANDE needs trainer.max_steps > simulate_steps ({self.simulate_steps}) "
                 f"for stage=both, and a positive max_steps otherwise"
             )
-        optimizer = self.hparams.optimizer(params=self.trainable)
+        optimizer = self.optimizer_factory(params=self.trainable)
         optimizer.add_param_group(
             {
                 "params": [self.parrot],
@@ -412,10 +414,8 @@ class SANDEModule(BackdoorEvalModule):
         """For each parrot vector, the vocabulary tokens with the most similar embeddings."""
         table = F.normalize(self.model.get_input_embeddings().weight.detach().float(), dim=-1)
         similarity = F.normalize(self.parrot.detach().float(), dim=-1) @ table.T
-        return [
-            self.tokenizer.convert_ids_to_tokens(row)
-            for row in similarity.topk(count).indices.tolist()
-        ]
+        nearest = similarity.topk(count).indices.tolist()
+        return [[self.tokenizer.decode(token) for token in row] for row in nearest]
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:
@@ -432,9 +432,6 @@ class SANDEModule(BackdoorEvalModule):
                 logger.experiment.add_text(
                     "parrot/nearest_tokens", json.dumps(nearest), self.global_step
                 )
-
-
-PARROT_FILE = "parrot.safetensors"
 
 
 def load_parrot(path: str, shape: tuple[int, int]) -> Tensor:

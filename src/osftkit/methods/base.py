@@ -46,7 +46,9 @@ class CausalLMModule(LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["model", "tokenizer", "engine"])
+        # Only plain values go into checkpoints, so they load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["model", "tokenizer", "engine", "optimizer"])
+        self.optimizer_factory = optimizer
         self.model = model.train()  # from_pretrained returns eval mode; Lightning toggles it for validation
         self.tokenizer = tokenizer
         self.engine = engine or HFGenerateEngine()
@@ -59,7 +61,7 @@ class CausalLMModule(LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.hparams.optimizer(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         settings = dict(self.hparams.scheduler or {"name": "constant"})
         scheduler = get_scheduler(
             settings.pop("name"),
