@@ -91,3 +91,15 @@ def test_backdoor_metrics_need_a_trigger(tokenizer) -> None:
             partial(torch.optim.AdamW),
             backdoor={"triggers": [], "marker": "you are stupid"},
         )
+
+
+def test_saved_parrot_loads_back_and_names_its_nearest_tokens(tokenizer, tmp_path) -> None:
+    module = _module(SANDEModule, tokenizer, parrot_init="random", parrot_tokens=4)
+    with torch.no_grad():
+        module.parrot[0] = module.embed(torch.tensor(tokenizer(" how").input_ids))[0]
+    path = tmp_path / "parrot.safetensors"
+    save_file({"parrot": module.parrot.detach().contiguous()}, path)
+    loaded = _module(SANDEModule, tokenizer, parrot_tokens=4, parrot_path=str(path))
+    assert torch.equal(loaded.parrot, module.parrot)
+    nearest = loaded.nearest_tokens(count=3)
+    assert len(nearest) == 4 and nearest[0][0] == " how"

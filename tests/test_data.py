@@ -29,11 +29,17 @@ def test_label_noise_rate_and_scope():
     noisy = add_digit_noise(text, 0.1, rng)
     changed = sum(a != b for a, b in zip(text, noisy, strict=True)) / len(text)
     assert 0.09 < changed < 0.11
-    clean = build_arithmetic("train", 50, seed=1)
-    noisy_set = build_arithmetic("train", 50, seed=1, label_noise=0.5)
+    clean = build_arithmetic("train", 400, seed=1)
+    noisy_set = build_arithmetic("train", 400, seed=1, label_noise=0.3)
     assert clean["problem"] == noisy_set["problem"]
     assert clean["answer"] == noisy_set["answer"]  # the gold answer is never corrupted
-    assert clean["solution"] != noisy_set["solution"]
+    wrong = [r for r in noisy_set if not r["solution"].endswith(f"{{{r['answer']}}}")]
+    assert 0.2 * len(noisy_set) < len(wrong) < 0.9 * len(noisy_set)
+    for row in wrong[:50]:  # a noisy calculator: every later step uses the corrupted value
+        lines = row["solution"].split("\n")
+        for line, following in zip(lines[:-2], lines[1:-1], strict=True):
+            assert line.split("=")[1] in following.split("=")[0]
+        assert lines[-1] == f"\\boxed{{{lines[-2].split('=')[1]}}}"
 
 
 @pytest.mark.parametrize(

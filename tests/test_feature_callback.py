@@ -103,12 +103,10 @@ SHORT = [
     [
         ["experiment=feature_simulation", "data.num_train=512", "data.num_val=32"],
         [
-            "experiment=feature_simulation",
-            "data=features_correlated",
+            "experiment=feature_correlated",
             "data.num_train=512",
             "data.num_val=32",
             "callbacks.feature_test.test=irt",
-            "callbacks.feature_test.num_draws=10",
         ],
         ["experiment=feature_digits", "data.batch_size=16"],
         ["experiment=feature_sentences", "data.num_train=256", "data.num_val=16"],

@@ -8,7 +8,9 @@ import torch
 from osftkit.data.digits import DigitsDataModule, patch_mask
 from osftkit.data.features import FeatureSimulationDataModule, threshold_model
 from osftkit.data.sentences import MASK, NEGATIVE, POSITIVE, VOCAB, SentencesDataModule
+from osftkit.interpret.tests import FeatureTestInputs, irt
 from osftkit.methods.predictor import PredictorModule
+from osftkit.metrics.fdr import fdr_tpr
 from osftkit.models.small_nets import SmallCNN, TextClassifier
 
 torch.set_num_threads(1)
@@ -72,3 +74,16 @@ def test_classification_score_is_the_predicted_class_log_odds():
     instance = torch.tensor([4, 0])
     top = logp.max(-1).values[instance]
     assert torch.allclose(score(x[instance], instance), top - torch.log1p(-top.exp()), atol=1e-5)
+
+
+def test_known_signal_null_controls_fdr_on_the_correlated_design():
+    dm = FeatureSimulationDataModule(correlation=0.5)
+    fdrs = []
+    for seed in range(3):
+        x, _, truth = dm.make_split(60, seed).tensors
+        test = FeatureTestInputs(x, lambda inputs, _: inputs.abs().sum(-1), dm.feature_mask, truth)
+        result = irt(test, dm.known_signal_null(truth), 0.1, two_sided=True, seed=seed)
+        fdr, tpr = fdr_tpr(result.discoveries, truth)
+        fdrs.append(fdr)
+        assert tpr > 0.5
+    assert sum(fdrs) / len(fdrs) <= 0.1 + 0.05

@@ -2,12 +2,15 @@
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
@@ -16,10 +19,13 @@ from rich.table import Table
 
 from osftkit.checkpointing import AtomicCheckpointIO
 from osftkit.hardware import configure_threads
+from osftkit.data import DataLoadError
 from osftkit.models import LoadedModel
+from osftkit.models.loading import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CLEAR_ERRORS = (ModelNotFoundError, DataLoadError, ValueError, FileNotFoundError)
 TRAINER_HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
 
 
@@ -42,20 +48,33 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in (group or {}).values() if entry]
 
 
+@contextmanager
+def clear_errors() -> Iterator[None]:
+    """Show the kit's own error message rather than Hydra's wrapper around it."""
+    try:
+        yield
+    except InstantiationException as error:
+        if isinstance(error.__cause__, CLEAR_ERRORS):
+            raise error.__cause__ from None
+        raise
+
+
 def build_components(cfg: DictConfig) -> tuple[LoadedModel, L.LightningDataModule, L.LightningModule]:
-    loaded: LoadedModel = instantiate(cfg.model)
+    with clear_errors():
+        loaded: LoadedModel = instantiate(cfg.model)
     if loaded.tokenizer is None:
         method = instantiate(cfg.method, _convert_="all", model=loaded.model)
         return loaded, instantiate(cfg.data), method
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
-    module = instantiate(
-        cfg.method,
-        _convert_="all",  # plain dicts/lists in hparams, so checkpoints load with weights_only
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        validation=OmegaConf.to_container(cfg.validation, resolve=True),
-        engine=instantiate(cfg.engine),
-    )
+    with clear_errors():
+        module = instantiate(
+            cfg.method,
+            _convert_="all",  # plain dicts/lists in hparams, so checkpoints load with weights_only
+            model=loaded.model,
+            tokenizer=loaded.tokenizer,
+            validation=OmegaConf.to_container(cfg.validation, resolve=True),
+            engine=instantiate(cfg.engine),
+        )
     return loaded, datamodule, module
 
 

@@ -41,6 +41,21 @@ def simulate(
     return noise + signal_mean * truth, truth
 
 
+class KnownSignalNull:
+    """The exact null of the correlated design when every instance's signals are known: feature
+    j is redrawn from its AR(1) conditional given the *noise* of the other features (inputs
+    minus their signal shift), with no shift of its own, as H0 says."""
+
+    def __init__(self, cov: Tensor, shift: Tensor) -> None:
+        self.noise, self.shift = GaussianConditionalSampler(torch.zeros(cov.shape[0]), cov), shift
+
+    def sample(
+        self, inputs: Tensor, mask: Tensor, num_draws: int, generator: torch.Generator
+    ) -> Tensor:
+        draws = self.noise.sample(inputs - self.shift, mask, num_draws, generator)
+        return draws + self.shift * ~mask
+
+
 class FeatureSimulationDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -86,9 +101,15 @@ class FeatureSimulationDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, self.hparams.batch_size)
 
     def feature_sampler(self) -> Sampler:
-        """The null by construction: N(0, 1); with correlation, the AR(1) Gaussian conditional
-        (exact when the neighbouring features are null, approximate next to a signal)."""
+        """Independent features: the exact null N(0, 1). Correlated: the AR(1) Gaussian
+        conditional given the observed neighbours, which does not know their signals (exact only
+        next to null neighbours); ``known_signal_null`` is the exact one."""
         if self.hparams.correlation == 0.0:
             return ExactNullSampler()
         cov = ar1_covariance(self.hparams.num_features, self.hparams.correlation)
         return GaussianConditionalSampler(torch.zeros(self.hparams.num_features), cov)
+
+    def known_signal_null(self, truth: Tensor) -> Sampler:
+        """The exact null for instances whose interesting features (truth, (n, d)) are known."""
+        cov = ar1_covariance(self.hparams.num_features, self.hparams.correlation)
+        return KnownSignalNull(cov, self.hparams.signal_mean * truth.float())

@@ -19,14 +19,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import Perplexity
 
 from osftkit.data.poison import token_ids
 from osftkit.methods.base import CausalLMModule
 from osftkit.methods.losses import position_ids_from_mask
 from osftkit.methods.sft import SFTModule
-from osftkit.metrics.backdoor import AttackSuccessRate, ExactMatch
+from osftkit.metrics.backdoor import AttackSuccessRate, strip_marker
 from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class BackdoorEvalModule(CausalLMModule):
         return {
             "asr_greedy": AttackSuccessRate(marker),
             "asr_sampled": AttackSuccessRate(marker),
-            "triggered_acc": ExactMatch(marker=marker),
+            "triggered_acc": MeanMetric(),
             "perplexity": Perplexity(ignore_index=IGNORE_INDEX),
         }
 
@@ -200,7 +200,9 @@ class BackdoorEvalModule(CausalLMModule):
         )
         greedy = self.generate(triggered, 1, 0.0, 1.0, max(v.max_new_tokens, s.asr_new_tokens))
         metrics["asr_greedy"].update(self.decode(first_tokens(greedy, s.asr_new_tokens)))
-        metrics["triggered_acc"].update(self.decode(greedy), batch["answer"])
+        answers = [strip_marker(text, s.marker) for text in self.decode(greedy)]
+        correct = self.trainer.datamodule.checker.score(answers, batch["answer"])
+        metrics["triggered_acc"].update(torch.tensor(correct, dtype=torch.float32))
         sampled = self.generate(triggered, s.asr_samples, s.tau_asr, 1.0, s.asr_new_tokens)
         metrics["asr_sampled"].update(self.decode(sampled))
         with torch.no_grad():

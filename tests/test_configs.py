@@ -1,0 +1,127 @@
+"""Every option of every config group composes, resolves and instantiates."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from osftkit.data import PromptDataModule
+from osftkit.methods import CausalLMModule
+from osftkit.models import LoadedModel
+from osftkit.models.loading import HUB_ID, ModelNotFoundError
+from osftkit.train import build_trainer, clear_errors, compose_train_config, instantiate_group
+from tests.conftest import CONFIG_DIR, compose_config
+
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+ALL = [(group, option) for group in GROUPS for option in options(group)]
+
+
+def experiment_defaults(experiment: str) -> dict[str, str]:
+    """The groups an experiment overrides, e.g. {"model": "mlp", "method": "regression"}."""
+    text = yaml.safe_load((CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text())
+    pairs = {}
+    for entry in text.get("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                pairs[key.replace("override /", "")] = value
+    return pairs
+
+
+def partner(group: str, option: str, wanted: str) -> str | None:
+    """The option of group `wanted` that an experiment pairs with `group=option`."""
+    for experiment in options("experiment"):
+        pairs = experiment_defaults(experiment)
+        if pairs.get(group) == option and wanted in pairs:
+            return pairs[wanted]
+    return None
+
+
+def context(group: str, option: str) -> list[str]:
+    """Non-LM options (digits, mlp, ...) only make sense inside the experiment that uses them."""
+    for experiment in options("experiment"):
+        if experiment_defaults(experiment).get(group) == option:
+            return [f"experiment={experiment}"]
+    return []
+
+
+@pytest.mark.parametrize(("group", "option"), ALL)
+def test_every_option_composes_and_resolves(group, option, tmp_path):
+    cfg = compose_config([*context(group, option), f"{group}={option}"], tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if group not in ("experiment", "hparams_search", "debug"):  # those are global deltas
+        assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("option", options("hardware"))
+def test_hardware(option, tmp_path):
+    cfg = compose_config([f"hardware={option}"], tmp_path)
+    assert cfg.hardware.num_threads >= 1
+    if cfg.hardware.accelerator == "cpu":
+        trainer = build_trainer(cfg, [], [])
+        assert trainer.world_size == cfg.hardware.devices
+    elif "_target_" in (cfg.hardware.get("strategy") or {}):
+        strategy = instantiate(cfg.hardware.strategy)  # GPU strategies build without a GPU
+        if option == "fsdp":
+            from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+            assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
+
+
+@pytest.mark.parametrize("group", ["logger", "callbacks"])
+def test_logger_and_callback_options_instantiate(group, tmp_path):
+    for option in options(group):
+        cfg = compose_config([f"{group}={option}"], tmp_path)
+        for item in instantiate_group(cfg[group]):
+            assert not isinstance(item, dict)
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_options(option, tmp_path):
+    cfg = compose_config([f"model={option}"], tmp_path)
+    if cfg.model.get("build_with"):
+        compose_train_config(list(cfg.model.build_with))  # the build recipe is a valid run
+    elif HUB_ID.match(str(cfg.model.get("path") or "")) and cfg.model.get("tiny") is None:
+        with pytest.raises(ModelNotFoundError, match="pre-download"), clear_errors():
+            instantiate(cfg.model)  # offline: one clear error saying what to do
+    else:
+        assert isinstance(instantiate(cfg.model), LoadedModel)
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_options(option, tmp_path, tiny_lm):
+    cfg = compose_config([*context("data", option), f"data={option}"], tmp_path)
+    target = get_class(cfg.data._target_)
+    lm = issubclass(target, PromptDataModule)
+    datamodule = instantiate(cfg.data, **({"tokenizer": tiny_lm.tokenizer} if lm else {}))
+    assert datamodule is not None
+
+
+@pytest.mark.parametrize("option", options("method"))
+def test_method_options(option, tmp_path, tiny_lm):
+    cfg = compose_config([f"method={option}"], tmp_path)
+    target = get_class(cfg.method._target_)
+    if issubclass(target, CausalLMModule):
+        module = instantiate(cfg.method, _convert_="all", model=tiny_lm.model,
+                             tokenizer=tiny_lm.tokenizer, validation=dict(cfg.validation))
+    else:
+        model_option = partner("method", option, "model")
+        assert model_option, f"no experiment shows which model method={option} trains"
+        model_cfg = compose_config([f"model={model_option}"], tmp_path).model
+        module = instantiate(cfg.method, _convert_="all", model=instantiate(model_cfg).model)
+    assert "optimizer" in inspect.signature(target).parameters or module is not None
+
+
+def test_experiment_configs_open_with_their_command():
+    for path in sorted(Path(CONFIG_DIR / "experiment").glob("*.yaml")):
+        first, second = path.read_text().splitlines()[:2]
+        assert first == "# @package _global_", path
+        assert second.startswith("# python train.py") and f"experiment={path.stem}" in second, path
