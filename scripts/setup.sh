@@ -8,8 +8,10 @@ fi
 stamp=.venv/.osftkit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "osftkit: installing torch==2.13.0 (CPU) and the kit into .venv (log: .venv/install.log)"
-  .venv/bin/python -m pip install -q --upgrade pip >.venv/install.log 2>&1
-  .venv/bin/python -m pip install -q "torch==2.13.0" >>.venv/install.log 2>&1
-  .venv/bin/python -m pip install -q -e ".[dev]" >>.venv/install.log 2>&1
+  {
+    .venv/bin/python -m pip install --upgrade pip &&
+      .venv/bin/python -m pip install "torch==2.13.0" &&
+      .venv/bin/python -m pip install -e ".[dev]"
+  } >.venv/install.log 2>&1 || { tail -n 30 .venv/install.log; echo "osftkit: install failed (see .venv/install.log)"; exit 1; }
   touch "$stamp"
 fi

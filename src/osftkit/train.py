@@ -121,12 +121,12 @@ def report(before: dict[str, Any], after: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def compose_train_config(overrides: list[str]) -> DictConfig:
-    """The `train` config with overrides, inside or outside a running Hydra app."""
+def compose_train_config(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The `train` (or `eval`) config with overrides, inside or outside a running Hydra app."""
     if GlobalHydra.instance().is_initialized():
-        return hydra.compose(config_name="train", overrides=overrides)
+        return hydra.compose(config_name=config_name, overrides=overrides)
     with hydra.initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra.compose(config_name="train", overrides=overrides)
+        return hydra.compose(config_name=config_name, overrides=overrides)
 
 
 def build_by_training(overrides: list[str], directory: Path) -> None:

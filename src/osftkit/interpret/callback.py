@@ -111,6 +111,8 @@ class FeatureTestCallback(L.Callback):
         if self.sampler is None:
             self.sampler = trainer.datamodule.feature_sampler()
         loader = trainer.val_dataloaders or trainer.datamodule.val_dataloader()
+        if isinstance(loader, list | tuple):  # several validation sets: test the first
+            loader = loader[0]
         batch = pl_module.transfer_batch_to_device(next(iter(loader)), pl_module.device, 0)
         was_training = pl_module.training
         pl_module.eval()

@@ -135,9 +135,10 @@ class LMInfillSampler:
 
     With ``mask_token_id`` the model is a masked LM that sees both sides of the masked position;
     without it, a causal LM proposes the token from its left context (position 0 then has no
-    context and cannot be tested). ``exclude_token_ids`` are never drawn, nor, by default, the
-    original token (the paper replaces each word by a different one; keep it drawable for an
-    exchangeable null). One batched LM call over all instances per feature.
+    context and cannot be tested). ``exclude_token_ids`` are never drawn. The original token
+    stays drawable unless ``exclude_original``: always changing the word (as the paper's text
+    experiment does) breaks the exchangeability behind the IRT's p-values. One batched LM call
+    over all instances per feature.
     """
 
     def __init__(
@@ -146,7 +147,7 @@ class LMInfillSampler:
         mask_token_id: int | None = None,
         exclude_token_ids: tuple[int, ...] = (),
         temperature: float = 1.0,
-        exclude_original: bool = True,
+        exclude_original: bool = False,
     ) -> None:
         self.model, self.mask_token_id = model, mask_token_id
         self.exclude_original = exclude_original

@@ -96,7 +96,10 @@ def draw_feature(
     if draws.shape != (num_draws, *test.inputs.shape):
         raise ValueError(f"sampler returned shape {tuple(draws.shape)} for feature {j}")
     if torch.equal(draws[:, :, mask], test.inputs[:, mask].expand_as(draws[:, :, mask])):
-        raise ValueError(f"sampler returned the original values of feature {j} in every draw")
+        raise ValueError(
+            f"sampler returned the original values of feature {j} in every draw: it must replace"
+            " the feature (a token sampler certain of the original token cannot test it)"
+        )
     return draws
 
 

@@ -100,6 +100,11 @@ class RolloutModule(CausalLMModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        # So that validation curves can be drawn against generation cost, not only steps.
+        self.log("val/tokens_generated", self.tokens_generated.float())
+
     def kl_to_reference(self, chunk: Rollouts, logp: Tensor) -> Tensor:
         """k3 estimator of KL(policy || reference) on the sampled response tokens."""
         with torch.no_grad():

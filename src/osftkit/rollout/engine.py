@@ -99,21 +99,24 @@ class HFGenerateEngine:
         check_generation_args(num_samples, temperature, top_p, max_new_tokens)
         was_training = model.training
         model.eval()
+        greedy = temperature == 0
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
         try:
             output = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
+                num_return_sequences=1 if greedy else num_samples,
                 eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id,
                 use_cache=True,
-                **(sampling if temperature > 0 else {"do_sample": False}),
+                **({"do_sample": False} if greedy else sampling),
             )
         finally:
             model.train(was_training)
         response_ids = output[:, prompt_ids.shape[1] :]
+        if greedy:  # every greedy sample is the same: decode once, repeat
+            response_ids = response_ids.repeat_interleave(num_samples, dim=0)
         response_mask, truncated = response_mask_and_truncation(response_ids, eos_token_id)
         return Rollouts(
             prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),

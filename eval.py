@@ -1,0 +1,21 @@
+"""Evaluate a model: `python eval.py model=arith_base [ckpt_path=...] [tau_sweep=[0.0,0.6,1.0]]`."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("OSFTKIT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    from osftkit.evaluate import evaluate
+
+    rows = evaluate(cfg)
+    return max(row.get(cfg.optimized_metric, float("nan")) for row in rows)
+
+
+if __name__ == "__main__":
+    main()
