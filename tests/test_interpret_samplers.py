@@ -11,6 +11,7 @@ from osftkit.interpret.samplers import (
     GaussianConditionalSampler,
     LMInfillSampler,
 )
+from osftkit.interpret.tests import FeatureTestInputs, one_shot_test
 
 torch.set_num_threads(1)
 VOCAB_SIZE, LENGTH = 20, 6
@@ -89,7 +90,7 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 @pytest.mark.parametrize("masked", [True, False])
 def test_lm_infill_sampler(masked):
     model, mask_id = (tiny_bert(), VOCAB_SIZE - 1) if masked else (tiny_gpt2(), None)
-    sampler = LMInfillSampler(model, mask_token_id=mask_id, exclude_token_ids=(0, VOCAB_SIZE - 1))
+    sampler = LMInfillSampler(model, mask_id, (0, VOCAB_SIZE - 1), exclude_original=True)
     x = torch.randint(1, VOCAB_SIZE - 1, (8, LENGTH), generator=gen())
     mask = torch.arange(LENGTH) == 3
     draws = sampler.sample(x, mask, 40, gen())
@@ -119,3 +120,12 @@ def test_target_logprob_scores_each_instance_target():
         logp = model(input_ids=torch.cat([prompts[i], targets[i]])[None]).logits[0].log_softmax(-1)
         expected = logp[2, targets[i, 0]] + logp[3, targets[i, 1]]
         assert got[row].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_prompt_token_test_on_a_causal_lm():
+    model = tiny_gpt2()
+    prompts = torch.randint(0, VOCAB_SIZE, (4, 4), generator=gen())
+    targets = torch.randint(0, VOCAB_SIZE, (4, 2), generator=gen(1))
+    test = FeatureTestInputs(prompts, target_logprob(model, targets), torch.arange(4))
+    result = one_shot_test(test, CategoricalSampler(torch.ones(VOCAB_SIZE)), 0.2, two_sided=True)
+    assert result.statistics.shape == (4, 4) and result.model_calls == 4 * (1 + 2 * 4)
