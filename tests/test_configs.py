@@ -110,8 +110,13 @@ def test_method_options(option, tmp_path, tiny_lm):
     cfg = compose_config([f"method={option}"], tmp_path)
     target = get_class(cfg.method._target_)
     if issubclass(target, CausalLMModule):
-        module = instantiate(cfg.method, _convert_="all", model=tiny_lm.model,
-                             tokenizer=tiny_lm.tokenizer, validation=dict(cfg.validation))
+        module = instantiate(
+            cfg.method,
+            _convert_="all",
+            model=tiny_lm.model,
+            tokenizer=tiny_lm.tokenizer,
+            validation=dict(cfg.validation),
+        )
     else:
         model_option = partner("method", option, "model")
         assert model_option, f"no experiment shows which model method={option} trains"
@@ -125,3 +130,9 @@ def test_experiment_configs_open_with_their_command():
         first, second = path.read_text().splitlines()[:2]
         assert first == "# @package _global_", path
         assert second.startswith("# python train.py") and f"experiment={path.stem}" in second, path
+
+
+@pytest.mark.parametrize("option", options("engine"))
+def test_engine_options_instantiate(option, tmp_path):
+    engine = instantiate(compose_config([f"engine={option}"], tmp_path).engine)
+    assert callable(engine.generate)  # vLLM itself is imported only at the first generation

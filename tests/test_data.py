@@ -52,14 +52,32 @@ def test_arithmetic_rejects_bad_knobs(kwargs):
 
 # The real sets' columns, as their hub versions have them, keyed by hub id.
 REAL_ROWS = {
-    "agentica-org/DeepScaleR-Preview-Dataset": {"problem": "1+1?", "answer": "2", "solution": r"1+1=2, \boxed{2}"},
-    "HuggingFaceH4/MATH-500": {
-        "problem": "Half of one?", "solution": r"\boxed{\frac{1}{2}}", "answer": r"\frac{1}{2}",
-        "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json",
+    "agentica-org/DeepScaleR-Preview-Dataset": {
+        "problem": "1+1?",
+        "answer": "2",
+        "solution": r"1+1=2, \boxed{2}",
     },
-    "HuggingFaceH4/aime_2024": {"id": 60, "problem": "Find x.", "solution": "...", "answer": "204", "url": "u", "year": "2024"},
+    "HuggingFaceH4/MATH-500": {
+        "problem": "Half of one?",
+        "solution": r"\boxed{\frac{1}{2}}",
+        "answer": r"\frac{1}{2}",
+        "subject": "Algebra",
+        "level": 1,
+        "unique_id": "test/algebra/1.json",
+    },
+    "HuggingFaceH4/aime_2024": {
+        "id": 60,
+        "problem": "Find x.",
+        "solution": "...",
+        "answer": "204",
+        "url": "u",
+        "year": "2024",
+    },
     "math-ai/amc23": {"id": 0, "question": "How many?", "answer": 27.0, "url": "u"},
-    "openai/gsm8k": {"question": "Natalia sold 48 clips...", "answer": "48/2 = 24\n48+24 = 72\n#### 72"},
+    "openai/gsm8k": {
+        "question": "Natalia sold 48 clips...",
+        "answer": "48/2 = 24\n48+24 = 72\n#### 72",
+    },
 }
 
 
@@ -89,7 +107,9 @@ def test_real_sets_load_from_local_files(name, suffix, tmp_path, tiny_lm):
     cfg = compose_config([f"data={name}", *overrides])
     datamodule = instantiate(cfg.data, tokenizer=tiny_lm.tokenizer)
     datamodule.setup("fit")
-    loaders = ([datamodule.train_dataloader()] if cfg.data.train else []) + datamodule.val_dataloader()
+    loaders = (
+        [datamodule.train_dataloader()] if cfg.data.train else []
+    ) + datamodule.val_dataloader()
     for loader, hub_id in zip(loaders, hub_ids, strict=True):
         batch = next(iter(loader))
         assert batch["prompt_ids"].shape[0] == 3
@@ -111,7 +131,9 @@ def test_malformed_row_is_named(tmp_path):
 
 def test_missing_file_and_unreachable_hub(tmp_path):
     with pytest.raises(DataLoadError, match="does not exist"):
-        load_prompt_table(str(tmp_path / "nope.parquet"), {"problem": "problem", "answer": "answer"})
+        load_prompt_table(
+            str(tmp_path / "nope.parquet"), {"problem": "problem", "answer": "answer"}
+        )
     with pytest.raises(DataLoadError, match="Offline\\?"):
         load_prompt_table("no-such-org/no-such-set", {"problem": "problem", "answer": "answer"})
 

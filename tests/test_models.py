@@ -25,8 +25,13 @@ def test_tiny_round_trip(tiny_lm, tmp_path):
 
 
 def test_tiny_build_is_cached_and_deterministic(tmp_path):
-    spec = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "intermediate_size": 64}
+    spec = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 64,
+    }
     first = load_causal_lm(cache_dir=str(tmp_path / "a"), tiny=spec)
     second = load_causal_lm(cache_dir=str(tmp_path / "b"), tiny=spec)
     for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
@@ -56,7 +61,9 @@ def test_dtype_knob_and_bad_dtype(tiny_lm, tmp_path):
 def test_lora_wraps_only_adapters(tiny_lm, tmp_path):
     tiny_lm.model.save_pretrained(tmp_path)
     tiny_lm.tokenizer.save_pretrained(tmp_path)
-    loaded = load_causal_lm(path=str(tmp_path), lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    loaded = load_causal_lm(
+        path=str(tmp_path), lora={"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    )
     trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 

@@ -34,12 +34,19 @@ def one_token_rollouts(policy: CategoricalPolicy, tau_sample: float, n: int) -> 
 
 def osft(policy: nn.Module, tau_sample: float, tau_train: float) -> OSFTModule:
     return OSFTModule(
-        model=policy, tokenizer=None, optimizer=partial(torch.optim.SGD, lr=0.1),
-        group_size=1, tau_sample=tau_sample, tau_train=tau_train, max_new_tokens=1,
+        model=policy,
+        tokenizer=None,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        group_size=1,
+        tau_sample=tau_sample,
+        tau_train=tau_train,
+        max_new_tokens=1,
     )
 
 
-def osft_gradient(tau_sample: float, tau_train: float, n: int = 40000) -> tuple[torch.Tensor, torch.Tensor]:
+def osft_gradient(
+    tau_sample: float, tau_train: float, n: int = 40000
+) -> tuple[torch.Tensor, torch.Tensor]:
     policy = CategoricalPolicy([2.0, 1.0, 0.5, 0.0, -1.0])
     module = osft(policy, tau_sample, tau_train)
     loss = module.minibatch_loss(one_token_rollouts(policy, tau_sample, n), {})
@@ -86,8 +93,14 @@ def test_temperatures_must_be_positive(tau_sample, tau_train):
 
 def test_group_size_must_be_positive():
     with pytest.raises(ValueError, match="G"):
-        OSFTModule(model=CategoricalPolicy([0.0] * VOCAB), tokenizer=None, optimizer=None,
-                   group_size=0, tau_sample=0.6, max_new_tokens=4)
+        OSFTModule(
+            model=CategoricalPolicy([0.0] * VOCAB),
+            tokenizer=None,
+            optimizer=None,
+            group_size=0,
+            tau_sample=0.6,
+            max_new_tokens=4,
+        )
 
 
 def test_group_advantages():
@@ -102,8 +115,15 @@ def test_group_advantages():
 
 def test_grpo_clips_the_ratio():
     policy = CategoricalPolicy([0.0] * VOCAB)
-    module = GRPOModule(model=policy, tokenizer=None, optimizer=None, group_size=1,
-                        tau_sample=1.0, max_new_tokens=1, clip_eps=0.2)
+    module = GRPOModule(
+        model=policy,
+        tokenizer=None,
+        optimizer=None,
+        group_size=1,
+        tau_sample=1.0,
+        max_new_tokens=1,
+        clip_eps=0.2,
+    )
     rollouts = one_token_rollouts(policy, 1.0, 4)
     logp = torch.zeros(4, 1, requires_grad=True)
     extras = {"advantages": torch.ones(4)}

@@ -24,8 +24,12 @@ def generate(tiny_lm, texts, **kwargs):
     prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, texts)
     settings = {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}
     return HFGenerateEngine().generate(
-        tiny_lm.model, prompt_ids, prompt_mask, eos_token_id=tiny_lm.tokenizer.eos_token_id,
-        pad_token_id=tiny_lm.tokenizer.pad_token_id, **{**settings, **kwargs},
+        tiny_lm.model,
+        prompt_ids,
+        prompt_mask,
+        eos_token_id=tiny_lm.tokenizer.eos_token_id,
+        pad_token_id=tiny_lm.tokenizer.pad_token_id,
+        **{**settings, **kwargs},
     )
 
 
@@ -74,7 +78,22 @@ def test_bad_generation_arguments(tiny_lm):
 def test_split_refuses_more_chunks_than_prompts():
     import pytest
 
-    rollouts = Rollouts(*(torch.zeros(2, 3, dtype=torch.long) for _ in range(4)),
-                        truncated=torch.zeros(2, dtype=torch.bool), group_size=2)
+    rollouts = Rollouts(
+        *(torch.zeros(2, 3, dtype=torch.long) for _ in range(4)),
+        truncated=torch.zeros(2, dtype=torch.bool),
+        group_size=2,
+    )
     with pytest.raises(ValueError, match="cannot split 1 prompts into 2"):
         rollouts.split(2)
+
+
+def test_vllm_outputs_become_rollouts():
+    """The conversion used by the (GPU-only) vLLM engine: padding, masks and truncation."""
+    from osftkit.rollout.vllm_engine import rollouts_from_token_lists
+
+    prompt_ids, prompt_mask = torch.tensor([[0, 7], [8, 9]]), torch.tensor([[0, 1], [1, 1]])
+    responses = [[5, EOS], [5, 6, 7], [EOS], [4, 4, 4]]
+    rollouts = rollouts_from_token_lists(responses, prompt_ids, prompt_mask, 2, EOS, 0)
+    assert rollouts.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]
+    assert rollouts.truncated.tolist() == [False, True, False, True]
+    assert rollouts.prompt_ids.tolist() == [[0, 7], [0, 7], [8, 9], [8, 9]]

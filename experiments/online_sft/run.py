@@ -47,8 +47,10 @@ def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
 
 
 def run_arm(overrides: list[str], seed: int, out: Path) -> dict:
+    # The bases are evaluated once by the sweep; the last validation falls on the last step.
     cfg = compose_train_config([*overrides, f"seed={seed}", f"paths.output_dir={out}",
-                                "callbacks.progress_bar=null"])
+                                "callbacks.progress_bar=null", "validate_before_fit=false",
+                                "validate_after_fit=false"])
     start = time.perf_counter()
     metrics = run(cfg)
     wall = time.perf_counter() - start
@@ -80,17 +82,18 @@ def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: dict[str, list[Path]]) -> None:
+def plot_curves(runs: dict[str, list[Path]], bases: dict[str, dict]) -> None:
     figure, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(11, 4))
     for name, dirs in runs.items():
-        steps, values = scalars(dirs[0], "val/pass@1")
+        start = bases[f"{'under-trained base' if 'under-trained' in name else 'base'} at tau_eval 1"]
+        steps, _ = scalars(dirs[0], "val/pass@1")
         curves = [scalars(d, "val/pass@1")[1] for d in dirs]
         length = min(len(c) for c in curves)
-        mean = np.mean([c[:length] for c in curves], axis=0)
-        by_step.plot(steps[:length], mean, marker="o", label=name)
+        mean = [start["val/pass@1"], *np.mean([c[:length] for c in curves], axis=0)]
+        by_step.plot([0, *steps[:length]], mean, marker="o", label=name)
         tokens = scalars(dirs[0], "val/tokens_generated")[1][:length]
         if tokens and max(tokens) > 0:
-            by_tokens.plot(tokens, mean[: len(tokens)], marker="o", label=name)
+            by_tokens.plot([0, *tokens], mean[: len(tokens) + 1], marker="o", label=name)
     for axis, label in ((by_step, "optimiser step"), (by_tokens, "tokens generated in training")):
         axis.set_xlabel(label)
         axis.set_ylabel("val pass@1 (tau_eval 1)")
@@ -104,6 +107,8 @@ def plot_curves(runs: dict[str, list[Path]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--under-seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the arms that start from the under-trained base")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
@@ -112,16 +117,16 @@ def main() -> None:
         sweep = base_rows(model, args.out / f"eval_{model}")
         best = max(sweep, key=lambda r: r["val/pass@1"])
         at_one = next(r for r in sweep if r["tau_eval"] == 1.0)
-        bases[f"{label} at its best tau_eval ({best['tau_eval']:.1f})"] = best
         bases[f"{label} at tau_eval 1"] = at_one
+        bases[f"{label} at its best tau_eval ({best['tau_eval']:.1f})"] = best
     results, dirs = {}, {}
     for name, overrides in ARMS.items():
-        for seed in args.seeds:
+        for seed in args.under_seeds if "under-trained" in name else args.seeds:
             out = args.out / name.split(" (")[0].replace(" ", "_").lower() / f"seed{seed}"
             results.setdefault(name, []).append(run_arm(overrides, seed, out))
             dirs.setdefault(name, []).append(out)
     (HERE / "results.json").write_text(json.dumps({"bases": bases, "runs": results}, indent=1))
-    plot_curves(dirs)
+    plot_curves(dirs, bases)
     text = table(results, bases)
     print(text)
     (HERE / "results.md").write_text(f"Seeds: {args.seeds}\n\n{text}\n")

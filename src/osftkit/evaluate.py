@@ -34,7 +34,9 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     _, datamodule, module = build_components(cfg)
     if cfg.get("ckpt_path"):
         load_weights(module, cfg.ckpt_path)
-    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger")))
+    trainer = build_trainer(
+        cfg, instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    )
     rows = []
     for tau in cfg.tau_sweep or [cfg.validation.tau_eval]:
         module.validation_settings.tau_eval = float(tau)
@@ -64,4 +66,6 @@ def write_results(rows: list[dict[str, float]], directory: Path) -> None:
         axis.legend()
         figure.tight_layout()
         figure.savefig(directory / "tau_sweep.png", dpi=120)
-    log.info("Wrote eval.csv, eval.md%s to %s", " and tau_sweep.png" if len(rows) > 1 else "", directory)
+    log.info(
+        "Wrote eval.csv, eval.md%s to %s", " and tau_sweep.png" if len(rows) > 1 else "", directory
+    )

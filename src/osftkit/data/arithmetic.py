@@ -16,7 +16,9 @@ def add_digit_noise(text: str, rate: float, rng: random.Random) -> str:
     )
 
 
-def solve(operands: list[int], ops: list[str], noise: float = 0.0, rng=None) -> tuple[list[str], int]:
+def solve(
+    operands: list[int], ops: list[str], noise: float = 0.0, rng=None
+) -> tuple[list[str], int]:
     """Reduce by precedence (first `*`, else leftmost), one line per operation.
 
     With `noise`, each written result has its digits corrupted and LATER STEPS USE THE CORRUPTED
@@ -46,7 +48,9 @@ def make_problem(
     """One problem, its step-by-step solution ending in \\boxed{}, and its true final answer."""
     operands = [rng.randint(0, operand_max) for _ in range(num_ops + 1)]
     chosen = [rng.choice(ops) for _ in range(num_ops)]
-    problem = "".join(f"{a}{op}" for a, op in zip(operands, chosen, strict=False)) + str(operands[-1])
+    problem = "".join(f"{a}{op}" for a, op in zip(operands, chosen, strict=False)) + str(
+        operands[-1]
+    )
     _, answer = solve(operands, chosen)
     steps, written = solve(operands, chosen, label_noise, noise_rng)
     solution = "\n".join([*steps, f"\\boxed{{{written}}}"])

@@ -1,12 +1,14 @@
 """PromptDataModule: (problem, solution, answer) tables -> tokenised prompt and SFT batches."""
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from datasets import Dataset
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from osftkit.data.prompts import format_prompt
@@ -75,9 +77,7 @@ class PromptDataModule(LightningDataModule):
         if len(table) == 0:
             raise ValueError(f"data split '{name}' is empty")
         with_solution = "solution" in table.column_names
-        encoded = table.map(
-            lambda row: self._encode(row, with_solution), desc=f"tokenising {name}"
-        )
+        encoded = table.map(lambda row: self._encode(row, with_solution), desc=f"tokenising {name}")
         empty = [i for i, ids in enumerate(encoded["prompt_ids"]) if not ids]
         if empty:
             raise ValueError(f"data split '{name}': rows {empty[:10]} have an empty prompt")
@@ -86,7 +86,10 @@ class PromptDataModule(LightningDataModule):
         if skipped:
             log.warning(
                 "%s: skipped %d of %d prompts longer than max_prompt_length=%d tokens",
-                name, skipped, len(encoded), self.max_prompt_length,
+                name,
+                skipped,
+                len(encoded),
+                self.max_prompt_length,
             )
         if len(kept) == 0:
             raise ValueError(f"data split '{name}': every prompt is longer than max_prompt_length")
@@ -95,7 +98,9 @@ class PromptDataModule(LightningDataModule):
             if cut:
                 log.warning(
                     "%s: truncated %d reference responses to max_response_length=%d tokens",
-                    name, cut, self.max_response_length,
+                    name,
+                    cut,
+                    self.max_response_length,
                 )
         return kept
 
@@ -121,11 +126,10 @@ class PromptDataModule(LightningDataModule):
             batch.update(sft_tensors(prompts, [row["response_ids"] for row in rows], pad))
         return batch
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
-            shuffle=shuffle,
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
@@ -140,11 +144,66 @@ class PromptDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if "train" not in self.splits:
             raise ValueError("this data config has no training split (an evaluation-only set)")
-        return self._loader("train", self.per_rank(self.batch_size), shuffle=True)
+        split = self.splits["train"]
+        # Lightning's own seed (set by seed_everything), as DistributedSampler uses under DDP.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return ResumableDataLoader(
+            split,
+            batch_size=self.per_rank(self.batch_size),
+            sampler=EpochShuffleSampler(len(split), seed),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         size = self.per_rank(self.val_batch_size)
-        return [self._loader(f"val/{name}", size, False) for name in self.val_names]
+        return [self._loader(f"val/{name}", size) for name in self.val_names]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with `seed + epoch` (Lightning calls `set_epoch`): the order of an epoch depends
+    on nothing else, so a run resumed mid-epoch sees the order the killed run saw."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position within the epoch goes into checkpoints (Lightning saves
+    `state_dict` of loaders that have one): a resumed run skips the batches already trained on.
+    Pass it a `generator`, so that starting an iterator draws nothing from the global RNG."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = 0  # batches handed out in the current epoch
+        self.resume_at = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A checkpoint taken after an epoch's last batch resumes at the next epoch's start.
+        self.resume_at = state["batches_done"] % len(self)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.batches_done, self.resume_at = self.resume_at, 0
+        batches = super().__iter__()
+        for _ in range(self.batches_done):
+            next(batches)
+        for batch in batches:
+            self.batches_done += 1
+            yield batch
 
 
 def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

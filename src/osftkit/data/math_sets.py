@@ -1,4 +1,4 @@
-"""Real math sets (and any prompt/answer table) from a hub id or a local parquet/jsonl/json/csv file."""
+"""Real math sets (or any prompt/answer table) from a hub id or a local parquet/jsonl/csv file."""
 
 from pathlib import Path
 
@@ -33,7 +33,9 @@ def read_table(path: str, split: str = "train", subset: str | None = None) -> Da
         ) from error
 
 
-def to_prompt_table(table: Dataset, columns: dict[str, str], answer_format: str = "plain") -> Dataset:
+def to_prompt_table(
+    table: Dataset, columns: dict[str, str], answer_format: str = "plain"
+) -> Dataset:
     """Rename the source's columns to problem/solution/answer and check every row."""
     missing = [src for src in columns.values() if src not in table.column_names]
     if missing:

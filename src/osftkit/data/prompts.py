@@ -1,4 +1,4 @@
-"""Turn a problem into the model's prompt: its chat template when it has one, else a plain template."""
+"""A problem -> the model's prompt: its chat template when it has one, else a plain template."""
 
 from transformers import PreTrainedTokenizerBase
 

@@ -23,7 +23,9 @@ class GRPOModule(RolloutModule):
     """GRPO (Shao et al. 2024). With several mini-batches per generated batch, the ratio is taken
     against the rollout-time log-probs and clipped to [1 - clip_eps, 1 + clip_eps]."""
 
-    def __init__(self, *, normalize_std: bool = True, clip_eps: float = 0.2, **rollout: Any) -> None:
+    def __init__(
+        self, *, normalize_std: bool = True, clip_eps: float = 0.2, **rollout: Any
+    ) -> None:
         super().__init__(**rollout)
 
     @property

@@ -1,6 +1,5 @@
 """Token log-probabilities and masked aggregation shared by the LM methods."""
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -17,7 +17,7 @@ def pass_at_k(num_samples: Tensor, num_correct: Tensor, k: int) -> Tensor:
 
 
 class PassAtK(Metric):
-    """Mean unbiased pass@k for each k in `ks`; update with per-problem sample and success counts."""
+    """Mean unbiased pass@k for each k in `ks`, updated with per-problem success matrices."""
 
     full_state_update = False
 
@@ -31,7 +31,9 @@ class PassAtK(Metric):
 
     def update(self, correct: Tensor) -> None:
         """`correct`: (problems, samples) booleans, one row per problem."""
-        self.num_samples.append(torch.full((correct.shape[0],), correct.shape[1], device=self.device))
+        self.num_samples.append(
+            torch.full((correct.shape[0],), correct.shape[1], device=self.device)
+        )
         self.num_correct.append(correct.sum(dim=1).to(self.device))
 
     def compute(self) -> dict[str, Tensor]:

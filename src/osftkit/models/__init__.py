@@ -1,4 +1,4 @@
-"""Causal LMs and tokenizers: load from a hub id or a local directory, or build the tiny offline model."""
+"""Causal LMs and tokenizers: from a hub id, a local directory, or the tiny model built offline."""
 
 from osftkit.models.loading import LoadedModel, load_causal_lm
 

@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer: hub id, local directory, or a model the kit builds offline."""
+"""Load a causal LM and its tokenizer: hub id, local directory, or a model the kit builds."""
 
 import logging
 import os
@@ -70,7 +70,7 @@ def resolve_path(
     tiny: TinyQwen2Spec | dict | None = None,
     build_with: list[str] | None = None,
 ) -> str:
-    """Turn a config's model location into something `from_pretrained` can read, building if needed."""
+    """A config's model location -> a path `from_pretrained` reads; builds it if needed."""
     if tiny is not None:
         spec = tiny if isinstance(tiny, TinyQwen2Spec) else TinyQwen2Spec(**tiny)
         directory = Path(path) if path else Path(cache_dir) / spec.cache_name()

@@ -45,11 +45,19 @@ class Rollouts:
         if not 1 <= num_chunks <= num_prompts:
             raise ValueError(f"cannot split {num_prompts} prompts into {num_chunks} mini-batches")
         bounds = torch.linspace(0, num_prompts, num_chunks + 1).round().long() * self.group_size
-        return [self.rows(slice(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [
+            self.rows(slice(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
     def rows(self, index: slice | Tensor) -> "Rollouts":
-        tensors = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "group_size"}
-        return replace(self, **tensors)
+        return self._map(lambda tensor: tensor[index])
+
+    def to(self, device: torch.device | str) -> "Rollouts":
+        return self._map(lambda tensor: tensor.to(device))
+
+    def _map(self, fn) -> "Rollouts":
+        tensor_fields = [f.name for f in fields(self) if f.name != "group_size"]
+        return replace(self, **{name: fn(getattr(self, name)) for name in tensor_fields})
 
 
 def response_mask_and_truncation(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
