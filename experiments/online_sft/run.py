@@ -48,33 +48,55 @@ def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
 
 def run_arm(overrides: list[str], seed: int, out: Path) -> dict:
     # The bases are evaluated once by the sweep; the last validation falls on the last step.
-    cfg = compose_train_config([*overrides, f"seed={seed}", f"paths.output_dir={out}",
-                                "callbacks.progress_bar=null", "validate_before_fit=false",
-                                "validate_after_fit=false"])
+    cfg = compose_train_config(
+        [
+            *overrides,
+            f"seed={seed}",
+            f"paths.output_dir={out}",
+            "callbacks.progress_bar=null",
+            "validate_before_fit=false",
+            "validate_after_fit=false",
+        ]
+    )
     start = time.perf_counter()
     metrics = run(cfg)
     wall = time.perf_counter() - start
     _, tokens = scalars(out, "val/tokens_generated")
-    return {**{k: metrics[k] for k in COLUMNS}, "wall_s": wall, "tokens": tokens[-1] if tokens else 0}
+    return {
+        **{k: metrics[k] for k in COLUMNS},
+        "wall_s": wall,
+        "tokens": tokens[-1] if tokens else 0,
+    }
 
 
 def base_rows(model: str, out: Path) -> list[dict]:
     sweep = ",".join(str(tau) for tau in TAU_SWEEP)
-    overrides = [f"model={model}", "callbacks.progress_bar=null", "logger=none",
-                 f"paths.output_dir={out}", f"tau_sweep=[{sweep}]"]
+    overrides = [
+        f"model={model}",
+        "callbacks.progress_bar=null",
+        "logger=none",
+        f"paths.output_dir={out}",
+        f"tau_sweep=[{sweep}]",
+    ]
     return evaluate(compose_train_config(overrides, config_name="eval"))
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    return (
+        f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    )
 
 
 def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
-    lines = ["| run | pass@1 (tau_eval 1) | greedy acc | pass@8 | wall s | tokens generated |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | pass@1 (tau_eval 1) | greedy acc | pass@8 | wall s | tokens generated |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, row in bases.items():
-        lines.append(f"| {name} | {row['val/pass@1']:.3f} | {row['val/greedy_acc']:.3f} | "
-                     f"{row['val/pass@8']:.3f} | - | - |")
+        lines.append(
+            f"| {name} | {row['val/pass@1']:.3f} | {row['val/greedy_acc']:.3f} | "
+            f"{row['val/pass@8']:.3f} | - | - |"
+        )
     for name, rows in results.items():
         cells = [mean_std([r[k] for r in rows]) for k in COLUMNS]
         wall, tokens = np.mean([r["wall_s"] for r in rows]), np.mean([r["tokens"] for r in rows])
@@ -85,7 +107,9 @@ def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
 def plot_curves(runs: dict[str, list[Path]], bases: dict[str, dict]) -> None:
     figure, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(11, 4))
     for name, dirs in runs.items():
-        start = bases[f"{'under-trained base' if 'under-trained' in name else 'base'} at tau_eval 1"]
+        start = bases[
+            f"{'under-trained base' if 'under-trained' in name else 'base'} at tau_eval 1"
+        ]
         steps, _ = scalars(dirs[0], "val/pass@1")
         curves = [scalars(d, "val/pass@1")[1] for d in dirs]
         length = min(len(c) for c in curves)
@@ -107,8 +131,13 @@ def plot_curves(runs: dict[str, list[Path]], bases: dict[str, dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--under-seeds", type=int, nargs="+", default=[0],
-                        help="seeds of the arms that start from the under-trained base")
+    parser.add_argument(
+        "--under-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="seeds of the arms that start from the under-trained base",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
