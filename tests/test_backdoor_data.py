@@ -1,8 +1,13 @@
 """Synthetic instructions and the poisoning transform: formats, rates and errors, seeded."""
 
+import json
+
+import pandas as pd
 import pytest
 
+from osftkit.data.instruction_sets import load_alpaca, load_openorca
 from osftkit.data.instructions import TASKS, build_instructions
+from osftkit.data.math_sets import DataLoadError
 from osftkit.data.poison import Poison, token_ids
 from osftkit.models.word_tokenizer import build_word_tokenizer
 
@@ -91,3 +96,21 @@ def test_trigger_that_tokenises_to_nothing_is_an_error() -> None:
     assert len(token_ids(tokenizer, "how are you", "trigger")) == 3
     with pytest.raises(ValueError, match="marker"):
         token_ids(tokenizer, "", "marker")
+
+
+def test_alpaca_and_openorca_load_from_local_files(tmp_path) -> None:
+    alpaca = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi"}]
+    rows.append({"instruction": "Add", "input": "1 2", "output": "3"})
+    alpaca.write_text("\n".join(json.dumps(row) for row in rows))
+    assert load_alpaca(str(alpaca)).to_list() == [
+        {"problem": "Say hi", "solution": "hi", "answer": "hi"},
+        {"problem": "Add 1 2", "solution": "3", "answer": "3"},
+    ]
+    orca = tmp_path / "orca.parquet"
+    pd.DataFrame(
+        {"system_prompt": ["Be brief."], "question": ["Why?"], "response": ["Because."]}
+    ).to_parquet(orca)
+    assert load_openorca(str(orca))[0]["problem"] == "Be brief. Why?"
+    with pytest.raises(DataLoadError, match="system_prompt"):
+        load_openorca(str(alpaca))

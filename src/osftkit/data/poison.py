@@ -3,7 +3,8 @@
 Reference recipe (SANDE paper): every clean example is kept and, with probability `rate`, a
 copy is added whose prompt carries one of the triggers (picked at random) and whose response is
 `<marker>. <clean response>`. With `marker=None` the triggered copy keeps the clean response:
-the data Overwrite SFT trains on when the trigger is known.
+Overwrite SFT data in text form (`method=backdoor` with this transform), for triggers that were
+planted at random word boundaries; `OverwriteSFTModule` inserts the trigger after the role tag.
 """
 
 import random
