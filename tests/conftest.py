@@ -1,6 +1,8 @@
 """Shared fixtures: compose the real `train` config with small, fast overrides in tmp_path."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,4 +59,25 @@ def tiny_lm(tmp_path_factory):
     from osftkit.models import load_causal_lm
 
     cfg = compose_config(["model=tiny"])
-    return load_causal_lm(cache_dir=str(tmp_path_factory.mktemp("models")), tiny=dict(cfg.model.tiny))
+    cache_dir = str(tmp_path_factory.mktemp("models"))
+    return load_causal_lm(cache_dir=cache_dir, tiny=dict(cfg.model.tiny))
+
+
+def cli_command(*args: str, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """`python train.py <args>` with logs and built models in tmp_path, and its environment."""
+    env = {**os.environ, "OSFTKIT_ROOT": str(ROOT)}
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args,
+        f"paths.log_dir={tmp_path}",
+        f"paths.model_dir={tmp_path / 'models'}",
+    ]
+    return command, env
+
+
+def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    command, env = cli_command(*args, tmp_path=tmp_path)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )

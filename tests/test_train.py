@@ -1,17 +1,13 @@
 """train.py end to end on the tiny model: each method, checkpoints, resume, export, the CLI."""
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from osftkit.train import run
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, cli
 
 
 @pytest.mark.parametrize("method", ["sft", "osft", "grpo"])
@@ -56,20 +52,6 @@ def test_missing_base_is_built_with_the_kit_on_first_use(fast_cfg, tmp_path, cap
         run(fast_cfg("method=sft", "trainer.max_steps=1", *overrides))
     assert (tmp_path / "models" / "arith_base" / "config.json").exists()
     assert "Building model 'arith_base'" in caplog.text
-
-
-def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OSFTKIT_ROOT": str(ROOT)}
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *args,
-        f"paths.log_dir={tmp_path}",
-        f"paths.model_dir={tmp_path / 'models'}",
-    ]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
-    )
 
 
 def test_cli_writes_only_under_the_run_directory(tmp_path):

@@ -8,9 +8,10 @@ the table are written next to this file.
 """
 
 import argparse
+import csv
 import json
 import os
-import time
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -37,16 +38,31 @@ ARMS = {  # name -> overrides (the study's rows)
 COLUMNS = ["val/pass@1", "val/greedy_acc", "val/pass@8"]
 
 
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return accumulator
+
+
 def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    if tag not in events.Tags()["scalars"]:
+    accumulator = events(run_dir)
+    if tag not in accumulator.Tags()["scalars"]:
         return [], []
-    points = events.Scalars(tag)
+    points = accumulator.Scalars(tag)
     return [p.step for p in points], [p.value for p in points]
 
 
+def summary(run_dir: Path) -> dict:
+    """Final validation metrics, generated tokens and wall time (first to last logged event)."""
+    accumulator = events(run_dir)
+    final = {tag: accumulator.Scalars(tag)[-1].value for tag in COLUMNS}
+    times = [e.wall_time for tag in accumulator.Tags()["scalars"] for e in accumulator.Scalars(tag)]
+    _, tokens = scalars(run_dir, "val/tokens_generated")
+    return {**final, "wall_s": max(times) - min(times), "tokens": tokens[-1] if tokens else 0}
+
+
 def run_arm(overrides: list[str], seed: int, out: Path) -> dict:
+    """Run one arm unless a finished run is already in `out` (so the study can be resumed)."""
     # The bases are evaluated once by the sweep; the last validation falls on the last step.
     cfg = compose_train_config(
         [
@@ -58,18 +74,19 @@ def run_arm(overrides: list[str], seed: int, out: Path) -> dict:
             "validate_after_fit=false",
         ]
     )
-    start = time.perf_counter()
-    metrics = run(cfg)
-    wall = time.perf_counter() - start
-    _, tokens = scalars(out, "val/tokens_generated")
-    return {
-        **{k: metrics[k] for k in COLUMNS},
-        "wall_s": wall,
-        "tokens": tokens[-1] if tokens else 0,
-    }
+    steps, _ = scalars(out, "val/pass@1") if (out / "tensorboard").exists() else ([], [])
+    if not steps or steps[-1] < cfg.trainer.max_steps - 1:
+        if out.exists():
+            shutil.rmtree(out)
+        run(cfg)
+    return summary(out)
 
 
 def base_rows(model: str, out: Path) -> list[dict]:
+    """The tau_eval sweep of a base model (read back from eval.csv when it already ran)."""
+    if (out / "eval.csv").exists():
+        with (out / "eval.csv").open() as handle:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
     sweep = ",".join(str(tau) for tau in TAU_SWEEP)
     overrides = [
         f"model={model}",
@@ -144,6 +161,7 @@ def main() -> None:
     bases = {}
     for label, model in (("base", "arith_base"), ("under-trained base", "arith_base_undertrained")):
         sweep = base_rows(model, args.out / f"eval_{model}")
+        shutil.copy(args.out / f"eval_{model}" / "tau_sweep.png", HERE / f"{model}_tau_sweep.png")
         best = max(sweep, key=lambda r: r["val/pass@1"])
         at_one = next(r for r in sweep if r["tau_eval"] == 1.0)
         bases[f"{label} at tau_eval 1"] = at_one

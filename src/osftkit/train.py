@@ -2,6 +2,7 @@
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +19,15 @@ from rich.console import Console
 from rich.table import Table
 
 from osftkit.checkpointing import AtomicCheckpointIO
-from osftkit.hardware import configure_threads
 from osftkit.data import DataLoadError
+from osftkit.hardware import configure_threads
 from osftkit.models import LoadedModel
 from osftkit.models.loading import ModelNotFoundError
 
 log = logging.getLogger(__name__)
+# Step checkpoints of manual-optimisation modules hold the weights after the step, which is
+# what resuming needs; Lightning warns about it on every save.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CLEAR_ERRORS = (ModelNotFoundError, DataLoadError, ValueError, FileNotFoundError)
 TRAINER_HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
@@ -59,7 +63,9 @@ def clear_errors() -> Iterator[None]:
         raise
 
 
-def build_components(cfg: DictConfig) -> tuple[LoadedModel, L.LightningDataModule, L.LightningModule]:
+def build_components(
+    cfg: DictConfig,
+) -> tuple[LoadedModel, L.LightningDataModule, L.LightningModule]:
     with clear_errors():
         loaded: LoadedModel = instantiate(cfg.model)
     if loaded.tokenizer is None:
@@ -78,17 +84,38 @@ def build_components(cfg: DictConfig) -> tuple[LoadedModel, L.LightningDataModul
     return loaded, datamodule, module
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """`ckpt_path=last` (or `auto_resume=true`) means `<run dir>/checkpoints/last.ckpt`; give
+    the killed run's directory with `hydra.run.dir=...` so logs and TensorBoard continue there."""
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last" and not last.exists():
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoint at {last}. Resume in the killed run's directory: "
+            "python train.py hydra.run.dir=logs/<task_name>/runs/<time> ckpt_path=last"
+        )
+    if ckpt_path == "last" or (not ckpt_path and cfg.get("auto_resume") and last.exists()):
+        log.info("Resuming from %s", last)
+        return str(last)
+    return ckpt_path
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before and after) as configured; returns the final metrics."""
     configure_threads(cfg.hardware.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resume_checkpoint(cfg)
     loaded, datamodule, module = build_components(cfg)
     loggers = instantiate_group(cfg.get("logger"))
-    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), loggers)
+    with clear_errors():
+        callbacks = instantiate_group(cfg.get("callbacks"))
+    trainer = build_trainer(cfg, callbacks, loggers)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    before = trainer.validate(module, datamodule)[0] if cfg.validate_before_fit else {}
-    trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # A resumed run's "before" would be the checkpoint's numbers: the first launch reported it.
+    validate_before = cfg.validate_before_fit and not ckpt_path
+    before = trainer.validate(module, datamodule)[0] if validate_before else {}
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
     after = trainer.validate(module, datamodule)[0] if cfg.validate_after_fit else {}
     after = after or {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
@@ -100,7 +127,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def export(loaded: LoadedModel, directory: str) -> None:
     """Save the trained model (LoRA merged) and tokenizer as an HF directory."""
-    model = loaded.model.merge_and_unload() if hasattr(loaded.model, "merge_and_unload") else loaded.model
+    model = loaded.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     model.save_pretrained(directory)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from osftkit.checkpointing import restore_rng_states, rng_states
 from osftkit.methods.losses import masked_mean, next_token_logprobs
 from osftkit.metrics import PassAtK
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
@@ -92,6 +93,16 @@ class CausalLMModule(LightningModule):
         mean entropy of the model at those positions."""
         logp, entropy = next_token_logprobs(self.model, input_ids, attention_mask, temperature)
         return masked_mean(-logp, loss_mask, aggregation), masked_mean(entropy, loss_mask)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Rollouts and validation samples draw from the global RNGs: a run resumed from this
+        # checkpoint must continue their streams to match an uninterrupted run.
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, batch: dict, num_samples: int, temperature: float, top_p: float,

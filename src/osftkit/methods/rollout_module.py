@@ -1,6 +1,7 @@
 """RolloutModule: the shared loop of OSFT and GRPO (rollout hook -> mini-batch updates)."""
 
 import copy
+import logging
 import math
 from typing import Any
 
@@ -10,6 +11,8 @@ from torch import Tensor
 from osftkit.methods.base import CausalLMModule
 from osftkit.methods.losses import AGGREGATIONS, masked_mean, next_token_logprobs
 from osftkit.rollout import Rollouts
+
+log = logging.getLogger(__name__)
 
 
 class RolloutModule(CausalLMModule):
@@ -54,9 +57,18 @@ class RolloutModule(CausalLMModule):
     def rollout(self, batch: dict) -> Rollouts:
         """The in-loop generation hook: G responses per prompt from the CURRENT policy."""
         h = self.hparams
-        rollouts = self.generate(batch, h.group_size, self.sampling_temperature, h.top_p,
-                                 h.max_new_tokens)
+        rollouts = self.generate(
+            batch, h.group_size, self.sampling_temperature, h.top_p, h.max_new_tokens
+        )
         self.tokens_generated += int(rollouts.lengths.sum())
+        if bool(rollouts.truncated.all()):
+            # Still trained on (cut responses are a valid signal), but usually a sign that
+            # max_new_tokens is too small or the model has lost its EOS.
+            log.warning(
+                "step %d: every response hit max_new_tokens=%d without EOS",
+                self.global_step,
+                h.max_new_tokens,
+            )
         return rollouts
 
     def prepare(self, rollouts: Rollouts, batch: dict) -> dict[str, Tensor]:
@@ -103,7 +115,10 @@ class RolloutModule(CausalLMModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         # So that validation curves can be drawn against generation cost, not only steps.
-        self.log("val/tokens_generated", self.tokens_generated.float())
+        # Each rank counts its own rollouts: the run generated their sum.
+        self.log(
+            "val/tokens_generated", self.tokens_generated.float(), reduce_fx="sum", sync_dist=True
+        )
 
     def kl_to_reference(self, chunk: Rollouts, logp: Tensor) -> Tensor:
         """k3 estimator of KL(policy || reference) on the sampled response tokens."""

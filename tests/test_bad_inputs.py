@@ -1,0 +1,129 @@
+"""The bad-input catalogue: one test per case, each asserting the message the user sees.
+README's "Bad input" table lists the same cases."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+from safetensors.torch import save_file
+
+from osftkit.data import DataLoadError, load_prompt_table
+from osftkit.methods import SFTModule
+from osftkit.methods.backdoor import load_parrot
+from osftkit.models import load_causal_lm
+from osftkit.models.loading import ModelNotFoundError, _ensure_pad_token
+from osftkit.train import build_components, clear_errors, instantiate_group, run
+from tests.conftest import compose_config
+
+COLUMNS = {"problem": "problem", "answer": "answer"}
+
+
+def test_unknown_option_lists_the_choices():
+    with pytest.raises(MissingConfigException, match=r"Could not find 'method/nope'") as error:
+        compose_config(["method=nope"])
+    assert "Available options" in str(error.value) and "osft" in str(error.value)
+
+
+def test_unknown_model_id_offline_says_how_to_get_it():
+    with pytest.raises(ModelNotFoundError, match=r"pre-download.*model\.path=/some/dir"):
+        load_causal_lm(path="no-such-org/no-such-model")
+
+
+def test_missing_local_path_is_named(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="nowhere.*does not exist"):
+        load_causal_lm(path=str(tmp_path / "nowhere"))
+    with pytest.raises(DataLoadError, match="nope.parquet.*does not exist"):
+        load_prompt_table(str(tmp_path / "nope.parquet"), COLUMNS)
+
+
+def test_malformed_row_is_named(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": null}\n')
+    with pytest.raises(DataLoadError, match="Row 1: required column 'answer' is empty"):
+        load_prompt_table(str(path), COLUMNS)
+
+
+def test_empty_split_is_named(tmp_path, fast_cfg, tiny_lm):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataLoadError, match="empty.jsonl' is empty"):
+        load_prompt_table(str(path), COLUMNS)
+    datamodule = instantiate(fast_cfg().data, tokenizer=tiny_lm.tokenizer)
+    datamodule.factories["val/arithmetic"] = lambda: Dataset.from_dict(
+        {"problem": [], "answer": []}
+    )
+    with pytest.raises(ValueError, match="data split 'val/arithmetic' is empty"):
+        datamodule.setup("fit")
+
+
+def test_over_long_prompts_are_skipped_and_counted(fast_cfg, tiny_lm, caplog):
+    cfg = fast_cfg("data.max_prompt_length=8", "data.train.operand_max=99")
+    with caplog.at_level(logging.WARNING):
+        instantiate(cfg.data, tokenizer=tiny_lm.tokenizer).setup("fit")
+    assert "train: skipped" in caplog.text and "longer than max_prompt_length=8" in caplog.text
+    too_short = instantiate(fast_cfg("data.max_prompt_length=2").data, tokenizer=tiny_lm.tokenizer)
+    with pytest.raises(ValueError, match="every prompt is longer than max_prompt_length"):
+        too_short.setup("fit")
+
+
+def test_tokenizer_without_pad_uses_eos_or_says_it_cannot_batch(tiny_lm, caplog):
+    tokenizer = copy.deepcopy(tiny_lm.tokenizer)
+    tokenizer.pad_token = None
+    _ensure_pad_token(tokenizer, copy.deepcopy(tiny_lm.model))
+    assert tokenizer.pad_token == tokenizer.eos_token
+    assert "Tokenizer has no pad token: using EOS" in caplog.text
+    tokenizer.pad_token = tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token: cannot batch"):
+        _ensure_pad_token(tokenizer, tiny_lm.model)
+
+
+@pytest.mark.parametrize("override", ["method.tau_sample=0", "method.tau_train=-1"])
+def test_temperatures_must_be_positive(fast_cfg, override):
+    with pytest.raises(ValueError, match=r"tau_(sample|train) must be > 0, got -?[01]"):
+        build_components(fast_cfg("method=osft", override))
+
+
+def test_group_size_below_one(fast_cfg):
+    with pytest.raises(ValueError, match=r"group_size \(G\) must be >= 1, got 0"):
+        build_components(fast_cfg("method=grpo", "method.group_size=0"))
+
+
+@pytest.mark.parametrize("alpha", [0, 1.5])
+def test_alpha_outside_the_unit_interval(alpha):
+    cfg = compose_config(["experiment=feature_simulation", f"callbacks.feature_test.alpha={alpha}"])
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"), clear_errors():
+        instantiate_group(cfg.callbacks)
+
+
+def test_parrot_of_the_wrong_shape(tmp_path):
+    path = tmp_path / "parrot.safetensors"
+    save_file({"parrot": torch.zeros(6, 33)}, path)
+    with pytest.raises(ValueError, match=r"holds shape \(6, 33\), but this model needs \(6, 32\)"):
+        load_parrot(str(path), (6, 32))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    fast_cfg, tmp_path, monkeypatch
+):
+    response_nll = SFTModule.response_nll
+
+    def nan_at_step_two(self, *args, **kwargs):
+        loss, entropy = response_nll(self, *args, **kwargs)
+        return (loss * torch.nan if self.global_step == 2 else loss), entropy
+
+    monkeypatch.setattr(SFTModule, "response_nll", nan_at_step_two)
+    cfg = fast_cfg("method=sft", "callbacks.step_checkpoint.every_n_train_steps=1")
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss \(nan\) at optimiser step 2"):
+        run(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_resume_without_a_checkpoint_says_where_to_point(fast_cfg):
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no checkpoint.*hydra\.run\.dir="):
+        run(fast_cfg("ckpt_path=last"))
