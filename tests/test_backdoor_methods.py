@@ -103,3 +103,73 @@ def test_saved_parrot_loads_back_and_names_its_nearest_tokens(tokenizer, tmp_pat
     assert torch.equal(loaded.parrot, module.parrot)
     nearest = loaded.nearest_tokens(count=3)
     assert len(nearest) == 4 and nearest[0][0] == " how"
+
+
+def test_clean_mix_eliminate_sees_parrot_and_clean_pairs(tokenizer, batch) -> None:
+    module = _module(
+        SANDEModule, tokenizer, stage="eliminate", parrot_init="random", clean_mix=0.25
+    )
+    calls = []
+    forward = module.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append("parrot" if kwargs.get("inputs_embeds") is not None else "clean")
+        width = (
+            kwargs.get("inputs_embeds") if calls[-1] == "parrot" else kwargs["input_ids"]
+        ).shape
+        assert width[0] == batch["input_ids"].shape[0]
+        return forward(*args, **kwargs)
+
+    module.model.forward = spy
+    loss = module.stage_loss(batch)
+    assert sorted(calls) == ["clean", "parrot"]  # both kinds of pair, from the same batch
+    module.model.forward = forward
+    with torch.no_grad():
+        parrot = module.stand_in_loss(batch, module.parrot, module.eliminate_loss_tokens)
+        clean = module.clean_loss(batch)
+    assert torch.allclose(loss, 0.75 * parrot + 0.25 * clean)
+    loss.backward()
+    assert module.parrot.grad is None  # the parrot stays frozen in eliminate
+
+
+def test_clean_mix_one_ignores_the_parrot_and_zero_is_the_reference(tokenizer, batch) -> None:
+    only_clean = _module(SANDEModule, tokenizer, stage="eliminate", clean_mix=1.0)
+    reference = _module(SANDEModule, tokenizer, stage="eliminate")
+    with torch.no_grad():
+        clean = only_clean.stage_loss(batch)
+        only_clean.parrot.normal_()
+        assert torch.allclose(only_clean.stage_loss(batch), clean)
+        assert torch.allclose(
+            reference.stage_loss(batch), reference.stand_in_loss(batch, reference.parrot, 10)
+        )
+
+
+def test_eliminate_loss_over_the_whole_response(tokenizer, batch) -> None:
+    first = _module(SANDEModule, tokenizer, stage="eliminate", eliminate_loss_tokens=1)
+    whole = _module(SANDEModule, tokenizer, stage="eliminate", eliminate_loss_tokens=None)
+    with torch.no_grad():
+        assert not torch.allclose(first.stage_loss(batch), whole.stage_loss(batch))
+        assert torch.allclose(
+            whole.stage_loss(batch), whole.stand_in_loss(batch, whole.parrot, None)
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"clean_mix": 1.5}, {"clean_mix": -0.1}, {"eliminate_loss_tokens": 0}]
+)
+def test_bad_eliminate_settings_are_errors(tokenizer, kwargs) -> None:
+    with pytest.raises(ValueError, match="clean_mix|eliminate_loss_tokens"):
+        _module(SANDEModule, tokenizer, **kwargs)
+
+
+def test_random_parrot_length_splices_prefixes_of_the_parrot(tokenizer, batch) -> None:
+    fixed = _module(SANDEModule, tokenizer, stage="eliminate", parrot_init="random")
+    assert fixed.eliminate_parrot() is fixed.parrot
+    module = _module(
+        SANDEModule, tokenizer, stage="eliminate", parrot_init="random", random_parrot_length=True
+    )
+    torch.manual_seed(0)
+    parrots = [module.eliminate_parrot() for _ in range(200)]
+    assert {len(p) for p in parrots} == set(range(1, 7))
+    assert all(torch.equal(p, module.parrot[: len(p)]) for p in parrots)
+    assert torch.isfinite(module.stage_loss(batch))

@@ -263,7 +263,13 @@ class SANDEModule(BackdoorEvalModule):
     learns, so that clean prompt + parrot yields `<marker>.` (loss on the first
     `simulate_loss_tokens` target tokens, at most the known ones). eliminate: the parrot is
     frozen and the model learns clean prompt + parrot -> clean response (loss on the first
-    `eliminate_loss_tokens` tokens).
+    `eliminate_loss_tokens` tokens, or the whole response when None). With `clean_mix` > 0 the
+    eliminate loss is (1 - clean_mix) * that + clean_mix * (clean prompt, no parrot -> clean
+    response) on the same batch, as Overwrite SFT mixes clean pairs in to keep utility; the
+    reference eliminate stage has no clean term (clean_mix 0). With `random_parrot_length`
+    each eliminate batch splices only the parrot's first k' vectors (k' uniform in 1..k), since a
+    trigger shorter than the parrot leaves the model in a context the whole parrot never
+    visits (not in the reference).
     stage=both runs `simulate_steps` simulate steps, then eliminate until trainer.max_steps.
     The parrot is saved as parrot.safetensors in the run directory, with its nearest tokens.
     """
@@ -280,11 +286,21 @@ class SANDEModule(BackdoorEvalModule):
         parrot_betas: Sequence[float] = (0.9, 0.95),
         warmup_ratio: float = 0.03,
         simulate_loss_tokens: int = 1,
-        eliminate_loss_tokens: int = 10,
+        eliminate_loss_tokens: int | None = 10,
         known_marker_tokens: int | None = None,
+        clean_mix: float = 0.0,
+        random_parrot_length: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if not 0.0 <= clean_mix <= 1.0:
+            raise ValueError(f"clean_mix must lie in [0, 1], got {clean_mix}")
+        if eliminate_loss_tokens is not None and eliminate_loss_tokens < 1:
+            raise ValueError(
+                f"eliminate_loss_tokens must be positive or null (whole response), "
+                f"got {eliminate_loss_tokens}"
+            )
+        self.clean_mix, self.random_parrot_length = clean_mix, random_parrot_length
         if stage not in STAGES:
             raise ValueError(f"SANDE stage must be one of {STAGES}, got '{stage}'")
         if parrot_init not in PARROT_INITS:
@@ -377,7 +393,34 @@ class SANDEModule(BackdoorEvalModule):
             return self.stand_in_loss(
                 self.with_marker(batch), self.parrot, self.simulate_loss_tokens
             )
-        return self.stand_in_loss(batch, self.parrot, self.eliminate_loss_tokens)
+        loss = self.stand_in_loss(batch, self.eliminate_parrot(), self.eliminate_loss_tokens)
+        if self.clean_mix > 0:
+            loss = (1 - self.clean_mix) * loss + self.clean_mix * self.clean_loss(batch)
+        return loss
+
+    def eliminate_parrot(self) -> Tensor:
+        """The parrot for one eliminate batch: whole, or (random_parrot_length) its first k'
+        vectors, k' uniform in 1..k, so that triggers shorter than the parrot are covered."""
+        if not self.random_parrot_length:
+            return self.parrot
+        return self.parrot[: int(torch.randint(1, self.parrot.shape[0] + 1, ()))]
+
+    def clean_loss(self, batch: dict) -> Tensor:
+        """Token NLL of (clean prompt, no parrot -> clean response), same response tokens as
+        the parrot term (the first `eliminate_loss_tokens`, or all)."""
+        labels = batch["labels"]
+        if self.eliminate_loss_tokens is not None:
+            labels = first_targets(labels, self.eliminate_loss_tokens)
+        mask = batch["attention_mask"]
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+        ).logits
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         stage = self.current_stage
