@@ -131,15 +131,16 @@ def plot_curves(runs: dict[str, list[Path]], bases: dict[str, dict]) -> None:
         curves = [scalars(d, "val/pass@1")[1] for d in dirs]
         length = min(len(c) for c in curves)
         mean = [start["val/pass@1"], *np.mean([c[:length] for c in curves], axis=0)]
-        by_step.plot([0, *steps[:length]], mean, marker="o", label=name)
+        (line,) = by_step.plot([0, *steps[:length]], mean, marker="o", label=name)
         tokens = scalars(dirs[0], "val/tokens_generated")[1][:length]
-        if tokens and max(tokens) > 0:
-            by_tokens.plot([0, *tokens], mean[: len(tokens) + 1], marker="o", label=name)
+        if tokens and max(tokens) > 0:  # SFT generates nothing: no curve against tokens
+            by_tokens.plot(
+                [0, *tokens], mean[: len(tokens) + 1], marker="o", color=line.get_color()
+            )
     for axis, label in ((by_step, "optimiser step"), (by_tokens, "tokens generated in training")):
         axis.set_xlabel(label)
         axis.set_ylabel("val pass@1 (tau_eval 1)")
         axis.grid(alpha=0.3)
-    by_tokens.set_xscale("symlog")
     by_step.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(HERE / "pass1_curves.png", dpi=120)
@@ -155,6 +156,7 @@ def main() -> None:
         default=[0],
         help="seeds of the arms that start from the under-trained base",
     )
+    parser.add_argument("--only", default="", help="run only the arms whose name contains this")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
@@ -167,7 +169,7 @@ def main() -> None:
         bases[f"{label} at tau_eval 1"] = at_one
         bases[f"{label} at its best tau_eval ({best['tau_eval']:.1f})"] = best
     results, dirs = {}, {}
-    for name, overrides in ARMS.items():
+    for name, overrides in ((n, o) for n, o in ARMS.items() if args.only in n):
         for seed in args.under_seeds if "under-trained" in name else args.seeds:
             out = args.out / name.split(" (")[0].replace(" ", "_").lower() / f"seed{seed}"
             results.setdefault(name, []).append(run_arm(overrides, seed, out))
