@@ -50,7 +50,9 @@ class CausalLMModule(LightningModule):
         # Only plain values go into checkpoints, so they load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model", "tokenizer", "engine", "optimizer"])
         self.optimizer_factory = optimizer
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning toggles it for validation
+        self.model = (
+            model.train()
+        )  # from_pretrained returns eval mode; Lightning toggles it for validation
         self.tokenizer = tokenizer
         self.engine = engine or HFGenerateEngine()
         self.validation_settings = (
@@ -70,10 +72,13 @@ class CausalLMModule(LightningModule):
             num_training_steps=self.trainer.max_steps if self.trainer.max_steps > 0 else None,
             **settings,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def update(self, loss: Tensor) -> None:
-        """One optimiser step on `loss`; a non-finite loss stops the run before it touches weights."""
+        """One optimiser step on `loss`; a non-finite loss stops the run before any update."""
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Non-finite loss ({loss.item()}) at optimiser step {self.global_step}: stopping. "
@@ -87,8 +92,14 @@ class CausalLMModule(LightningModule):
         optimizer.step()
         self.lr_schedulers().step()
 
-    def response_nll(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                     temperature: float = 1.0, aggregation: str = "token_mean") -> tuple[Tensor, Tensor]:
+    def response_nll(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        loss_mask: Tensor,
+        temperature: float = 1.0,
+        aggregation: str = "token_mean",
+    ) -> tuple[Tensor, Tensor]:
         """Masked NLL of the tokens selected by `loss_mask` (over next-token positions), and the
         mean entropy of the model at those positions."""
         logp, entropy = next_token_logprobs(self.model, input_ids, attention_mask, temperature)
@@ -105,8 +116,9 @@ class CausalLMModule(LightningModule):
             restore_rng_states(checkpoint["rng_states"])
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, batch: dict, num_samples: int, temperature: float, top_p: float,
-                 max_new_tokens: int) -> Rollouts:
+    def generate(
+        self, batch: dict, num_samples: int, temperature: float, top_p: float, max_new_tokens: int
+    ) -> Rollouts:
         """Sample from the model as it is now (no grad, eval mode) through the engine."""
         return self.engine.generate(
             self.model,
@@ -140,7 +152,11 @@ class CausalLMModule(LightningModule):
         for name in self.trainer.datamodule.val_names:
             if name in self.val_metrics:
                 continue
-            metrics = {"pass": PassAtK(ks), "response_length": MeanMetric(), "entropy": MeanMetric()}
+            metrics = {
+                "pass": PassAtK(ks),
+                "response_length": MeanMetric(),
+                "entropy": MeanMetric(),
+            }
             if settings.greedy:
                 metrics["greedy_acc"] = MeanMetric()
             self.val_metrics[name] = MetricCollection(metrics, compute_groups=False)

@@ -38,7 +38,9 @@ class RolloutModule(CausalLMModule):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if loss_aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got '{loss_aggregation}'")
+            raise ValueError(
+                f"loss_aggregation must be one of {AGGREGATIONS}, got '{loss_aggregation}'"
+            )
         super().__init__(**base)
         self.epoch_progress = 0.0  # epochs done, fractional; drives tau_sample annealing
         # Registered, so a resumed run keeps the reference of the original start, not a copy
@@ -127,8 +129,9 @@ class RolloutModule(CausalLMModule):
                 self.reference, chunk.sequences, chunk.attention_mask, self.training_temperature
             )
         log_ratio = ref_logp - logp
-        return masked_mean(torch.exp(log_ratio) - log_ratio - 1, chunk.loss_mask,
-                           self.hparams.loss_aggregation)
+        return masked_mean(
+            torch.exp(log_ratio) - log_ratio - 1, chunk.loss_mask, self.hparams.loss_aggregation
+        )
 
 
 def annealed(start: float, end: float, progress: float, schedule: str) -> float:

@@ -4,7 +4,7 @@ from osftkit.methods.base import CausalLMModule
 
 
 class SFTModule(CausalLMModule):
-    """Supervised fine-tuning; also plants backdoors (poisoned data) and builds the offline bases."""
+    """Supervised fine-tuning; also plants backdoors and builds the offline bases."""
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         loss_mask = batch["labels"][:, 1:] != -100
