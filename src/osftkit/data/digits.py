@@ -1,11 +1,11 @@
 """scikit-learn's bundled 8x8 digits (no download) with square patches as the features."""
 
-import lightning as L
 import torch
 from sklearn.datasets import load_digits
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from osftkit.data.tensor_datamodule import TensorDataModule
 from osftkit.interpret.samplers import GaussianConditionalSampler, Sampler
 
 IMAGE_SIZE = 8
@@ -20,7 +20,7 @@ def patch_mask(image_size: int, patch_size: int) -> Tensor:
     return (rows[:, None] * (image_size // patch_size) + rows[None, :]).unsqueeze(0)
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(TensorDataModule):
     """Batches (image (b, 1, 8, 8) in [0, 1], label); patches sampled by a fitted Gaussian."""
 
     def __init__(
@@ -38,13 +38,6 @@ class DigitsDataModule(L.LightningDataModule):
         num_val = int(self.hparams.val_fraction * len(y))
         self.train_set = TensorDataset(x[order[num_val:]], y[order[num_val:]])
         self.val_set = TensorDataset(x[order[:num_val]], y[order[:num_val]])
-
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, self.hparams.batch_size, shuffle=True, generator=gen)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.hparams.batch_size)
 
     def feature_sampler(self) -> Sampler:
         """Gaussian inpainting: a patch drawn from its conditional given the other pixels."""

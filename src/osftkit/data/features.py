@@ -8,11 +8,11 @@ threshold model). Batches are (x, y, truth) with truth the interesting-feature m
 
 from typing import Literal
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from osftkit.data.tensor_datamodule import TensorDataModule
 from osftkit.interpret.samplers import ExactNullSampler, GaussianConditionalSampler, Sampler
 
 
@@ -56,7 +56,7 @@ class KnownSignalNull:
         return draws + self.shift * ~mask
 
 
-class FeatureSimulationDataModule(L.LightningDataModule):
+class FeatureSimulationDataModule(TensorDataModule):
     def __init__(
         self,
         num_features: int = 25,
@@ -88,17 +88,6 @@ class FeatureSimulationDataModule(L.LightningDataModule):
         )
         y = x.abs().sum(-1) if hp.target == "sum_abs" else threshold_model(x)
         return TensorDataset(x, y, truth)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.train_set = self.make_split(self.hparams.num_train, self.hparams.seed)
-        self.val_set = self.make_split(self.hparams.num_val, self.hparams.seed + 1)
-
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, self.hparams.batch_size, shuffle=True, generator=gen)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.hparams.batch_size)
 
     def feature_sampler(self) -> Sampler:
         """Independent features: the exact null N(0, 1). Correlated: the AR(1) Gaussian

@@ -5,11 +5,11 @@ Each of `length` positions holds, independently, a sentiment word with probabili
 majority polarity (sentences with a tie are redrawn); the sentiment positions are the truth.
 """
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from osftkit.data.tensor_datamodule import TensorDataModule
 from osftkit.interpret.samplers import CategoricalSampler, Sampler
 
 NEUTRAL = (  # noqa: SIM905
@@ -56,7 +56,7 @@ def make_sentences(
     return ids, (polarity(ids).sum(1) > 0).long(), polarity(ids) != 0
 
 
-class SentencesDataModule(L.LightningDataModule):
+class SentencesDataModule(TensorDataModule):
     """Batches (token ids, label, truth); tokens are features, one per position."""
 
     def __init__(
@@ -77,17 +77,6 @@ class SentencesDataModule(L.LightningDataModule):
         hp = self.hparams
         gen = torch.Generator().manual_seed(seed)
         return TensorDataset(*make_sentences(num, hp.length, hp.sentiment_prob, gen))
-
-    def setup(self, stage: str | None = None) -> None:
-        self.train_set = self.make_split(self.hparams.num_train, self.hparams.seed)
-        self.val_set = self.make_split(self.hparams.num_val, self.hparams.seed + 1)
-
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, self.hparams.batch_size, shuffle=True, generator=gen)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.hparams.batch_size)
 
     def feature_sampler(self) -> Sampler:
         """The null by construction, as in the simulation: a position that carries no sentiment
