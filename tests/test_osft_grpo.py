@@ -130,6 +130,9 @@ def test_grpo_clips_the_ratio():
     on_policy = module.policy_loss(rollouts, logp, {**extras, "old_logp": torch.zeros(4, 1)})
     (grad,) = torch.autograd.grad(on_policy, logp)
     assert torch.allclose(grad, torch.full_like(grad, -0.25))  # -A * d(ratio) / tokens
+    without_old = module.policy_loss(rollouts, logp, extras)  # one update per batch
+    (grad,) = torch.autograd.grad(without_old, logp)
+    assert torch.allclose(grad, torch.full_like(grad, -0.25))
     stale = module.policy_loss(rollouts, logp, {**extras, "old_logp": torch.full((4, 1), -1.0)})
     (grad,) = torch.autograd.grad(stale, logp)
     assert grad.abs().max() == 0  # ratio e^1 > 1.2 with A > 0: clipped, no gradient

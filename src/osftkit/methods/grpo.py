@@ -35,15 +35,22 @@ class GRPOModule(RolloutModule):
     def prepare(self, rollouts: Rollouts, batch: dict) -> dict[str, Tensor]:
         rewards = self.score(rollouts, batch["answer"]).float()
         self.log("train/reward", rewards.mean(), prog_bar=True)
-        advantages = group_advantages(rewards, self.hparams.normalize_std).flatten()
-        with torch.no_grad():
-            old_logp, _ = next_token_logprobs(
-                self.model, rollouts.sequences, rollouts.attention_mask, self.training_temperature
-            )
-        return {"advantages": advantages, "old_logp": old_logp}
+        extras = {"advantages": group_advantages(rewards, self.hparams.normalize_std).flatten()}
+        if self.hparams.num_minibatches > 1:
+            # Later mini-batches train a policy that has moved: they need the rollout log-probs.
+            with torch.no_grad():
+                extras["old_logp"], _ = next_token_logprobs(
+                    self.model,
+                    rollouts.sequences,
+                    rollouts.attention_mask,
+                    self.training_temperature,
+                )
+        return extras
 
     def policy_loss(self, rollouts: Rollouts, logp: Tensor, extras: dict[str, Tensor]) -> Tensor:
-        ratio = torch.exp(logp - extras["old_logp"])
+        # With one update per batch the policy is still the rollout policy: ratio 1, and the
+        # gradient is the plain policy gradient, without a second forward pass.
+        ratio = torch.exp(logp - extras.get("old_logp", logp.detach()))
         advantage = extras["advantages"][:, None]
         eps = self.hparams.clip_eps
         surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)

@@ -50,14 +50,8 @@ class Rollouts:
         ]
 
     def rows(self, index: slice | Tensor) -> "Rollouts":
-        return self._map(lambda tensor: tensor[index])
-
-    def to(self, device: torch.device | str) -> "Rollouts":
-        return self._map(lambda tensor: tensor.to(device))
-
-    def _map(self, fn) -> "Rollouts":
         tensor_fields = [f.name for f in fields(self) if f.name != "group_size"]
-        return replace(self, **{name: fn(getattr(self, name)) for name in tensor_fields})
+        return replace(self, **{name: getattr(self, name)[index] for name in tensor_fields})
 
 
 def response_mask_and_truncation(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
@@ -125,15 +119,31 @@ class HFGenerateEngine:
         response_ids = output[:, prompt_ids.shape[1] :]
         if greedy:  # every greedy sample is the same: decode once, repeat
             response_ids = response_ids.repeat_interleave(num_samples, dim=0)
-        response_mask, truncated = response_mask_and_truncation(response_ids, eos_token_id)
-        return Rollouts(
-            prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),
-            prompt_mask=prompt_mask.repeat_interleave(num_samples, dim=0),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            truncated=truncated,
-            group_size=num_samples,
-        )
+        return group_rollouts(prompt_ids, prompt_mask, response_ids, num_samples, eos_token_id)
+
+
+def group_rollouts(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    response_ids: Tensor,
+    num_samples: int,
+    eos_token_id: int,
+    lengths: Tensor | None = None,
+) -> Rollouts:
+    """Rollouts from prompt-major (N * G, R) responses; `lengths`, when the engine knows them,
+    also masks the padding after a response that stopped without EOS."""
+    response_mask, truncated = response_mask_and_truncation(response_ids, eos_token_id)
+    if lengths is not None:
+        positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+        response_mask = response_mask * (positions < lengths[:, None]).long()
+    return Rollouts(
+        prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(num_samples, dim=0),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        truncated=truncated,
+        group_size=num_samples,
+    )
 
 
 def check_generation_args(num_samples: int, temperature: float, top_p: float, max_new_tokens: int):

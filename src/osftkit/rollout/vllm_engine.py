@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from osftkit.rollout.engine import Rollouts, check_generation_args, response_mask_and_truncation
+from osftkit.rollout.engine import Rollouts, check_generation_args, group_rollouts
 
 
 class VLLMEngine:
@@ -82,15 +82,13 @@ def rollouts_from_token_lists(
     response_ids = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
     for row, tokens in enumerate(responses):
         response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    response_mask, truncated = response_mask_and_truncation(response_ids, eos_token_id)
-    response_mask = response_mask * (
-        torch.arange(width) < torch.tensor([len(r) for r in responses])[:, None]
+    lengths = torch.tensor([len(r) for r in responses])
+    device = prompt_ids.device
+    return group_rollouts(
+        prompt_ids,
+        prompt_mask,
+        response_ids.to(device),
+        num_samples,
+        eos_token_id,
+        lengths.to(device),
     )
-    return Rollouts(
-        prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0).cpu(),
-        prompt_mask=prompt_mask.repeat_interleave(num_samples, dim=0).cpu(),
-        response_ids=response_ids,
-        response_mask=response_mask.long(),
-        truncated=truncated,
-        group_size=num_samples,
-    ).to(prompt_ids.device)
