@@ -130,11 +130,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
     out = Path("/tmp/osftkit_bench")
+    # First, while this process has not trained yet: its environment passes to the children.
+    rss_osft = peak_rss_mb(args.model, "osft", [])
+    rss_grpo = peak_rss_mb(args.model, "grpo", ["method.kl_coef=0.01"])
     osft = step_seconds(args.model, "osft", args.steps, [], out)
     grpo = step_seconds(args.model, "grpo", args.steps, [], out)
     hook, direct = rollout_throughput(args.model, out)
-    rss_osft = peak_rss_mb(args.model, "osft", [])
-    rss_grpo = peak_rss_mb(args.model, "grpo", ["method.kl_coef=0.01"])
     figures = {
         "osft_step_s": osft,
         "grpo_step_s": grpo,
