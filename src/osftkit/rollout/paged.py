@@ -1,0 +1,100 @@
+"""transformers' continuous batching (`generate_batch`, paged KV cache) as a rollout engine.
+
+Rows that end leave the batch at once and waiting rows take their place, so no decode step is
+spent on finished rows (HF `generate` keeps every row of a static batch until the longest ends).
+Needs no extra package; runs on CPU and GPU (engine=paged).
+"""
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+from osftkit.rollout.engine import Rollouts, check_generation_args, rollouts_from_token_lists
+
+
+def continuous_batching_config(settings: dict[str, Any]) -> Any:
+    """transformers' ContinuousBatchingConfig from engine settings, or a clear error."""
+    try:
+        from transformers import ContinuousBatchingConfig, GenerationMixin
+    except ImportError as error:
+        raise ImportError(
+            "engine=paged needs transformers' continuous batching (transformers 5.x with "
+            "ContinuousBatchingConfig and generate_batch), which this install lacks: use engine=hf"
+        ) from error
+    if not hasattr(GenerationMixin, "generate_batch"):
+        raise ImportError("engine=paged: this transformers has no generate_batch; use engine=hf")
+    return ContinuousBatchingConfig(**settings)
+
+
+class PagedEngine:
+    """Same interface and sampling semantics as HFGenerateEngine (temperature 0 = greedy, G
+    samples per prompt, EOS, max_new_tokens, top-p without top-k). `continuous_batching` goes to
+    transformers' ContinuousBatchingConfig (page_size, num_blocks, max_batch_tokens, ...)."""
+
+    def __init__(self, continuous_batching: dict[str, Any] | None = None) -> None:
+        self.settings = dict(continuous_batching or {})
+        continuous_batching_config(self.settings)  # unknown keys fail here, at construction
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        *,
+        num_samples: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        prompt_embeds: Tensor | None = None,
+    ) -> Rollouts:
+        check_generation_args(num_samples, temperature, top_p, max_new_tokens)
+        if prompt_embeds is not None:
+            raise ValueError(
+                "engine=paged cannot generate from prompt embeddings (continuous batching takes "
+                "token ids): use engine=hf or engine=vllm"
+            )
+        greedy = temperature == 0
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=1 if greedy else num_samples,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **({"do_sample": False} if greedy else sampling),
+        )
+        prompts = [
+            row[mask.bool()].tolist() for row, mask in zip(prompt_ids, prompt_mask, strict=True)
+        ]
+        was_training = model.training
+        model.eval()
+        try:
+            outputs = model.generate_batch(
+                prompts,
+                generation_config=config,
+                continuous_batching_config=continuous_batching_config(self.settings),
+                progress_bar=False,
+                warmup=False,  # CUDA-graph capture for one call's sizes costs more than it saves
+            )
+        finally:
+            model.train(was_training)
+        expected = len(prompts) * config.num_return_sequences
+        failed = [key for key, out in outputs.items() if out.error is not None]
+        if len(outputs) != expected or failed:
+            raise RuntimeError(
+                f"engine=paged returned {len(outputs)} of {expected} responses "
+                f"(failed: {failed[:3]}); use engine=hf"
+            )
+        # generate_batch orders the results prompt-major, a prompt's samples together.
+        responses = [
+            list(out.generated_tokens)
+            for out in outputs.values()
+            for _ in range(num_samples if greedy else 1)
+        ]
+        return rollouts_from_token_lists(
+            responses, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id
+        )
