@@ -72,9 +72,10 @@ def stand_in(monkeypatch):
     )
     monkeypatch.setattr(vllm_engine, "load_vllm", lambda: module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    # The engine exports the rank variables vLLM reads: keep them out of the real environment.
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    monkeypatch.setattr(os, "environ", env)
+    # The engine exports the rank variables vLLM reads: restore the real environment after.
+    for name in RANK_VARIABLES:
+        monkeypatch.setenv(name, "")  # records the original state for the teardown
+        monkeypatch.delenv(name)
     return module
 
 
@@ -133,7 +134,7 @@ def test_one_sync_per_optimiser_step_before_generate(stand_in, tiny_lm):
 
 
 def test_rank_setup_and_sleep_level_two_resyncs(stand_in, tiny_lm, monkeypatch):
-    os.environ["LOCAL_RANK"] = "3"  # the patched environment
+    monkeypatch.setenv("LOCAL_RANK", "3")
     engine = vllm_engine.VLLMEngine(sleep_level=2)
     rollout(engine, tiny_lm.model, temperature=0.0)
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == (
@@ -208,3 +209,16 @@ def test_weights_version_changes_with_an_optimiser_step_only(tiny_lm):
     assert weights_version(model) == before
     optimiser_step(model)
     assert weights_version(model) != before
+
+
+def test_the_vllm_config_reaches_the_engine_and_llm(stand_in, tiny_lm, tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    config = compose_config(["engine=vllm"], tmp_path).engine
+    engine = instantiate(config)
+    rollout(engine, copy.deepcopy(tiny_lm.model))
+    assert engine.sleep_level == config.sleep_level
+    for key in ("gpu_memory_utilization", "load_format", "enable_prompt_embeds"):
+        assert engine.llm.kwargs[key] == config[key]
