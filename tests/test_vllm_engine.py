@@ -222,3 +222,52 @@ def test_the_vllm_config_reaches_the_engine_and_llm(stand_in, tiny_lm, tmp_path)
     assert engine.sleep_level == config.sleep_level
     for key in ("gpu_memory_utilization", "load_format", "enable_prompt_embeds"):
         assert engine.llm.kwargs[key] == config[key]
+
+
+FSDP2_SCRIPT = """
+import copy, os, torch, torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from osftkit.models.tiny import TinyQwen2Spec, build_tiny_model, build_byte_tokenizer
+from osftkit.rollout.weight_sync import stream_weights, weights_version
+torch.set_num_threads(1)
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:%d")
+tokenizer = build_byte_tokenizer()
+spec = TinyQwen2Spec(hidden_size=32, num_hidden_layers=2, intermediate_size=64)
+model = build_tiny_model(spec, len(tokenizer), tokenizer)
+reference = {name: p.detach().clone() for name, p in model.named_parameters()}
+layers = model.model.layers
+for i, layer in enumerate(layers):
+    layers[i] = checkpoint_wrapper(layer)
+    fully_shard(layers[i], mesh=init_device_mesh("cpu", (1,)))
+fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+raw = [name for name, _ in model.named_parameters()]
+assert any("_checkpoint_wrapped_module." in name for name in raw), raw
+streamed = dict(stream_weights(model, torch.bfloat16))
+assert set(streamed) == set(reference), sorted(set(streamed) ^ set(reference))
+for name, tensor in streamed.items():
+    assert type(tensor) is torch.Tensor and tensor.dtype == torch.bfloat16, name
+    assert torch.equal(tensor, reference[name].bfloat16()), name
+before = weights_version(model)
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
+model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
+optimizer.step()
+assert weights_version(model) != before
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fsdp2_and_checkpoint_wrapped_weights_stream_as_full_hf_tensors():
+    """fully_shard'ed (DTensor) parameters under the activation-checkpoint wrapper: full
+    tensors under the checkpoint names, and a foreach optimiser step is seen (one process)."""
+    import subprocess
+    import sys
+
+    from osftkit.rollout.vllm_engine import free_port
+
+    result = subprocess.run(
+        [sys.executable, "-c", FSDP2_SCRIPT % free_port()], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

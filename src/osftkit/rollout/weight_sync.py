@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Wrapper prefixes that may occur anywhere in a parameter's dotted name.
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -73,8 +74,21 @@ def saved_module_name(name: str) -> str:
     return f"{head}.{tail.split('.', 1)[1]}"
 
 
-def weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Changes whenever any parameter is modified in place (optimiser step, checkpoint load)
-    or replaced: the identity and autograd version counter of each local tensor."""
-    tensors = [p._local_tensor if isinstance(p, DTensor) else p for p in model.parameters()]
-    return tuple((id(t), t._version) for t in tensors)
+class StepCounter:
+    """Optimiser steps taken in this process, by any optimiser (torch's global post-hook)."""
+
+    count = 0
+
+    @classmethod
+    def stepped(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(StepCounter.stepped)
+
+
+def weights_version(model: nn.Module) -> tuple:
+    """Changes whenever the weights may have: after any optimiser step, and when a parameter
+    is modified in place outside one (a checkpoint load) or replaced. Version counters alone
+    miss foreach optimiser steps on FSDP2's DTensors, hence the step count."""
+    return StepCounter.count, tuple((id(p), p._version) for p in model.parameters())
