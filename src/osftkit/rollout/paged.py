@@ -89,7 +89,7 @@ class PagedEngine:
                     prompt_ids.shape[1] + max_new_tokens,
                 ),
                 progress_bar=False,
-                warmup=False,  # CUDA-graph capture for one call's sizes costs more than it saves
+                warmup=False,  # no CUDA-graph capture: the manager lives for this one call
             )
         finally:
             model.train(was_training)
