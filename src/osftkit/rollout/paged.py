@@ -5,6 +5,7 @@ spent on finished rows (HF `generate` keeps every row of a static batch until th
 Needs no extra package; runs on CPU and GPU (engine=paged).
 """
 
+import logging
 import math
 from typing import Any
 
@@ -13,6 +14,9 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from osftkit.rollout.engine import Rollouts, check_generation_args, rollouts_from_token_lists
+
+# transformers' continuous batching logs each manager start and stop at INFO: once per rollout.
+logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 
 
 def continuous_batching_config(settings: dict[str, Any]) -> Any:
