@@ -173,3 +173,37 @@ def test_random_parrot_length_splices_prefixes_of_the_parrot(tokenizer, batch) -
     assert {len(p) for p in parrots} == set(range(1, 7))
     assert all(torch.equal(p, module.parrot[: len(p)]) for p in parrots)
     assert torch.isfinite(module.stage_loss(batch))
+
+
+def test_parrot_generation_goes_through_the_engine(tokenizer, batch) -> None:
+    """SANDE's parrot ASR decodes from the spliced embeddings via the rollout engine, as
+    `generate(inputs_embeds=...)` on the model would."""
+    from osftkit.methods.backdoor import splice_inputs
+
+    module = _module(SANDEModule, tokenizer, parrot_init="random")
+    seen = {}
+    generate = module.engine.generate
+
+    def spy(model, prompt_ids, prompt_mask, **kwargs):
+        seen.update(kwargs, ids=prompt_ids)
+        return generate(model, prompt_ids, prompt_mask, **kwargs)
+
+    module.engine.generate = spy
+    texts = module.generate_with_parrot(batch, max_new_tokens=4)
+    ids = batch["prompt_ids"]
+    positions = module.tag_positions(ids, torch.full_like(ids[:, 0], ids.shape[1]))
+    embeds, mask, _, _ = splice_inputs(
+        module.embed(ids), batch["prompt_mask"], None, module.parrot, positions
+    )
+    assert torch.equal(seen["prompt_embeds"], embeds) and seen["temperature"] == 0.0
+    assert seen["ids"].shape == mask.shape
+    with torch.no_grad():
+        direct = module.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert texts == tokenizer.batch_decode(direct, skip_special_tokens=True)

@@ -3,6 +3,8 @@ README's "Bad input" table lists the same cases."""
 
 import copy
 import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -127,3 +129,62 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
 def test_resume_without_a_checkpoint_says_where_to_point(fast_cfg):
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no checkpoint.*hydra\.run\.dir="):
         run(fast_cfg("ckpt_path=last"))
+
+
+# ---- rollout engines ------------------------------------------------------------------------
+def test_vllm_engine_without_vllm_names_the_extra_and_hardware(monkeypatch):
+    from osftkit.rollout import VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm fails, as on a CPU install
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[gpu\]".*hardware=gpu'):
+        VLLMEngine()
+
+
+def test_vllm_older_than_the_pin_is_refused(monkeypatch):
+    from osftkit.rollout import VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.8.5"))
+    with pytest.raises(ImportError, match="written against vLLM 0.33.0; found 0.8.5"):
+        VLLMEngine()
+
+
+def test_vllm_engine_without_a_gpu_says_so(monkeypatch):
+    from osftkit.rollout import VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.33.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="hardware=gpu.*no CUDA device is visible"):
+        VLLMEngine()
+
+
+def test_paged_engine_without_continuous_batching_suggests_hf(monkeypatch):
+    from transformers.generation.continuous_batching import ContinuousMixin
+
+    from osftkit.rollout import PagedEngine
+
+    monkeypatch.delattr(ContinuousMixin, "generate_batch")
+    with pytest.raises(ImportError, match="use engine=hf"):
+        PagedEngine()
+
+
+def test_engine_settings_are_checked_at_construction(tiny_lm):
+    from osftkit.rollout import HFGenerateEngine, PagedEngine
+
+    with pytest.raises(ValueError, match="engine.max_batch_tokens must be >= 1"):
+        HFGenerateEngine(max_batch_tokens=0)
+    with pytest.raises(TypeError, match="pages"):
+        PagedEngine({"pages": 3})
+    ids, mask = torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="engine=paged cannot generate from prompt embeddings"):
+        PagedEngine().generate(
+            tiny_lm.model,
+            ids,
+            mask,
+            num_samples=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_new_tokens=2,
+            eos_token_id=1,
+            pad_token_id=0,
+            prompt_embeds=torch.zeros(1, 2, tiny_lm.model.config.hidden_size),
+        )

@@ -1,9 +1,11 @@
 """Every option of every config group composes, resolves and instantiates."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
@@ -136,5 +138,18 @@ def test_experiment_configs_open_with_their_command():
 
 @pytest.mark.parametrize("option", options("engine"))
 def test_engine_options_instantiate(option, tmp_path):
-    engine = instantiate(compose_config([f"engine={option}"], tmp_path).engine)
-    assert callable(engine.generate)  # vLLM itself is imported only at the first generation
+    config = compose_config([f"engine={option}"], tmp_path).engine
+    if option == "vllm" and importlib.util.find_spec("vllm") is None:
+        with pytest.raises(InstantiationException, match=r"\.\[gpu\]"):  # at construction
+            instantiate(config)
+        return
+    engine = instantiate(config)
+    assert type(engine).__name__ == config._target_.rsplit(".", 1)[1]
+    # The keys the configs hold reach the engine (engine=vllm's: tests/test_vllm_engine.py).
+    read = {"hf": lambda: engine.max_batch_tokens, "paged": lambda: engine.settings}[option]
+    assert (
+        read()
+        == {"hf": config.get("max_batch_tokens"), "paged": config.get("continuous_batching")}[
+            option
+        ]
+    )

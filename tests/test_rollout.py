@@ -89,7 +89,7 @@ def test_split_refuses_more_chunks_than_prompts():
 
 def test_vllm_outputs_become_rollouts():
     """The conversion used by the (GPU-only) vLLM engine: padding, masks and truncation."""
-    from osftkit.rollout.vllm_engine import rollouts_from_token_lists
+    from osftkit.rollout.engine import rollouts_from_token_lists
 
     prompt_ids, prompt_mask = torch.tensor([[0, 7], [8, 9]]), torch.tensor([[0, 1], [1, 1]])
     responses = [[5, EOS], [5, 6, 7], [EOS], [4, 4, 4]]
@@ -97,3 +97,94 @@ def test_vllm_outputs_become_rollouts():
     assert rollouts.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]
     assert rollouts.truncated.tolist() == [False, True, False, True]
     assert rollouts.prompt_ids.tolist() == [[0, 7], [0, 7], [8, 9], [8, 9]]
+
+
+# ---- engine=hf: chunks, early stop, prompt embeddings ---------------------------------------
+PROMPTS = ["1+2*3\n", "45+6\n", "7\n", "8*9+10\n", "3-1\n"]
+
+
+def test_hf_chunks_to_a_token_budget_give_the_same_greedy_rollouts(tiny_lm):
+    whole = generate(tiny_lm, PROMPTS, num_samples=2)
+    engine = HFGenerateEngine(max_batch_tokens=40)
+    assert engine.prompts_per_chunk(5, 20, 1) == 2 and engine.prompts_per_chunk(5, 50, 2) == 1
+    prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, PROMPTS)
+    chunked = engine.generate(
+        tiny_lm.model,
+        prompt_ids,
+        prompt_mask,
+        num_samples=2,
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=8,
+        eos_token_id=tiny_lm.tokenizer.eos_token_id,
+        pad_token_id=tiny_lm.tokenizer.pad_token_id,
+    )
+    assert torch.equal(chunked.response_ids, whole.response_ids)
+    assert torch.equal(chunked.response_mask, whole.response_mask)
+
+
+def test_hf_stops_when_every_row_has_ended(tiny_lm):
+    first = int(generate(tiny_lm, ["7\n"]).response_ids[0, 0])
+    tokenizer = tiny_lm.tokenizer
+    prompt_ids, prompt_mask = encode_left_padded(tokenizer, ["7\n", "7\n"])
+    rollouts = HFGenerateEngine().generate(
+        tiny_lm.model,
+        prompt_ids,
+        prompt_mask,
+        num_samples=1,
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=8,
+        eos_token_id=first,  # both rows "end" at their first token
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    assert rollouts.response_ids.shape[1] == 1 and not bool(rollouts.truncated.any())
+
+
+def test_hf_generation_from_prompt_embeddings_matches_token_ids(tiny_lm):
+    prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, PROMPTS[:3])
+    embeds = tiny_lm.model.get_input_embeddings()(prompt_ids).detach()
+    settings = {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}
+    ids = {"eos_token_id": tiny_lm.tokenizer.eos_token_id, "pad_token_id": 0}
+    from_embeds = HFGenerateEngine().generate(
+        tiny_lm.model, prompt_ids, prompt_mask, prompt_embeds=embeds, **settings, **ids
+    )
+    from_ids = HFGenerateEngine().generate(
+        tiny_lm.model, prompt_ids, prompt_mask, **settings, **ids
+    )
+    assert torch.equal(from_embeds.response_ids, from_ids.response_ids)
+
+
+# ---- engine=paged: transformers continuous batching on CPU ---------------------------------
+def test_paged_greedy_equals_hf_greedy(tiny_lm):
+    from osftkit.rollout import PagedEngine
+
+    prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, PROMPTS)
+    settings = {"num_samples": 2, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}
+    ids = {"eos_token_id": tiny_lm.tokenizer.eos_token_id, "pad_token_id": 0}
+    paged = PagedEngine().generate(tiny_lm.model, prompt_ids, prompt_mask, **settings, **ids)
+    hf = HFGenerateEngine().generate(tiny_lm.model, prompt_ids, prompt_mask, **settings, **ids)
+    assert torch.equal(paged.response_ids, hf.response_ids)
+    assert torch.equal(paged.response_mask, hf.response_mask)
+    assert torch.equal(paged.prompt_ids, hf.prompt_ids)
+
+
+def test_paged_samples_g_rows_per_prompt(tiny_lm):
+    from osftkit.rollout import PagedEngine
+
+    tiny_lm.model.train()
+    prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, PROMPTS[:2])
+    rollouts = PagedEngine({"max_batch_tokens": 64}).generate(
+        tiny_lm.model,
+        prompt_ids,
+        prompt_mask,
+        num_samples=3,
+        temperature=1.0,
+        top_p=0.9,
+        max_new_tokens=6,
+        eos_token_id=tiny_lm.tokenizer.eos_token_id,
+        pad_token_id=0,
+    )
+    assert rollouts.response_ids.shape[0] == 6 and rollouts.group_size == 3
+    assert int(rollouts.lengths.max()) <= 6 and tiny_lm.model.training
+    assert torch.equal(rollouts.prompt_ids[:3], prompt_ids[:1].expand(3, -1))

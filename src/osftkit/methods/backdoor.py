@@ -445,15 +445,21 @@ class SANDEModule(BackdoorEvalModule):
         embeds, mask, _, _ = splice_inputs(
             self.embed(ids), batch["prompt_mask"], None, self.parrot, positions
         )
-        output = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
+        pad = self.tokenizer.pad_token_id
+        slots = ids.new_full((ids.shape[0], self.parrot.shape[0]), pad)  # no token: pad
+        rollouts = self.engine.generate(
+            self.model,
+            splice(ids, slots, positions),
+            mask,
+            num_samples=1,
+            temperature=0.0,
+            top_p=1.0,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=pad,
+            prompt_embeds=embeds,
         )
-        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return self.decode(rollouts)
 
     def nearest_tokens(self, count: int = 3) -> list[list[str]]:
         """For each parrot vector, the vocabulary tokens with the most similar embeddings."""

@@ -64,7 +64,12 @@ def response_mask_and_truncation(response_ids: Tensor, eos_token_id: int) -> tup
 
 
 class GenerationEngine(Protocol):
-    """What the rollout hook needs: G samples per prompt from the model as it is now."""
+    """What the rollout hook needs: G samples per prompt from the model as it is now.
+
+    With `prompt_embeds` (N, P, H) the model reads these embeddings instead of embedding
+    `prompt_ids` (a learned soft prompt, SANDE's parrot); `prompt_ids` (N, P) then only fill the
+    Rollouts (pad where a position holds no token) and `prompt_mask` marks the attended slots.
+    """
 
     def generate(
         self,
@@ -78,11 +83,30 @@ class GenerationEngine(Protocol):
         max_new_tokens: int,
         eos_token_id: int,
         pad_token_id: int,
+        prompt_embeds: Tensor | None = None,
     ) -> Rollouts: ...
 
 
 class HFGenerateEngine:
-    """transformers `generate` with a KV cache; temperature 0 means greedy decoding."""
+    """transformers `generate` with a KV cache; temperature 0 means greedy decoding.
+
+    `generate` stops as soon as every row of a batch has produced EOS. With `max_batch_tokens`
+    the prompts go in chunks whose padded (prompt + max_new_tokens) x G rows fit that many
+    tokens, so a large rollout never holds one KV cache for all of its rows at once.
+    """
+
+    def __init__(self, max_batch_tokens: int | None = None) -> None:
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(
+                f"engine.max_batch_tokens must be >= 1 or null, got {max_batch_tokens}"
+            )
+        self.max_batch_tokens = max_batch_tokens
+
+    def prompts_per_chunk(self, num_prompts: int, row_tokens: int, num_samples: int) -> int:
+        """How many prompts one `generate` call takes (at least one)."""
+        if self.max_batch_tokens is None:
+            return num_prompts
+        return max(1, self.max_batch_tokens // (row_tokens * num_samples))
 
     @torch.no_grad()
     def generate(
@@ -97,29 +121,61 @@ class HFGenerateEngine:
         max_new_tokens: int,
         eos_token_id: int,
         pad_token_id: int,
+        prompt_embeds: Tensor | None = None,
     ) -> Rollouts:
         check_generation_args(num_samples, temperature, top_p, max_new_tokens)
+        greedy = temperature == 0
+        copies = 1 if greedy else num_samples
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+        settings = {
+            "max_new_tokens": max_new_tokens,
+            "num_return_sequences": copies,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
+            "use_cache": True,
+            **({"do_sample": False} if greedy else sampling),
+        }
+        step = self.prompts_per_chunk(
+            prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, copies
+        )
         was_training = model.training
         model.eval()
-        greedy = temperature == 0
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
         try:
-            output = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=1 if greedy else num_samples,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                use_cache=True,
-                **({"do_sample": False} if greedy else sampling),
-            )
+            chunks = [
+                generate_chunk(
+                    model,
+                    prompt_ids[start : start + step],
+                    prompt_mask[start : start + step],
+                    None if prompt_embeds is None else prompt_embeds[start : start + step],
+                    settings,
+                )
+                for start in range(0, prompt_ids.shape[0], step)
+            ]
         finally:
             model.train(was_training)
-        response_ids = output[:, prompt_ids.shape[1] :]
+        response_ids = pad_right(chunks, pad_token_id)
         if greedy:  # every greedy sample is the same: decode once, repeat
             response_ids = response_ids.repeat_interleave(num_samples, dim=0)
         return group_rollouts(prompt_ids, prompt_mask, response_ids, num_samples, eos_token_id)
+
+
+def generate_chunk(
+    model: nn.Module, ids: Tensor, mask: Tensor, embeds: Tensor | None, settings: dict
+) -> Tensor:
+    """The new tokens of one `generate` call (from token ids, or from embeddings)."""
+    if embeds is None:
+        output = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        return output[:, ids.shape[1] :]
+    # From embeddings alone, decoder-only `generate` returns only the new tokens.
+    return model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
+
+
+def pad_right(chunks: list[Tensor], pad_token_id: int) -> Tensor:
+    """Concatenate (rows, width) chunks of different widths, right-padded with pad."""
+    width = max(chunk.shape[1] for chunk in chunks)
+    return torch.cat(
+        [nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks]
+    )
 
 
 def group_rollouts(
@@ -143,6 +199,31 @@ def group_rollouts(
         response_mask=response_mask,
         truncated=truncated,
         group_size=num_samples,
+    )
+
+
+def rollouts_from_token_lists(
+    responses: list[list[int]],
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    num_samples: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Rollouts:
+    """Right-pad prompt-major response token lists into Rollouts."""
+    width = max(1, max(len(r) for r in responses))
+    response_ids = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
+    for row, tokens in enumerate(responses):
+        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in responses])
+    device = prompt_ids.device
+    return group_rollouts(
+        prompt_ids,
+        prompt_mask,
+        response_ids.to(device),
+        num_samples,
+        eos_token_id,
+        lengths.to(device),
     )
 
 
