@@ -13,6 +13,7 @@ from osftkit.methods.losses import AGGREGATIONS, masked_mean, next_token_logprob
 from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
+REFERENCE = "reference."  # the KL reference's state-dict prefix
 
 
 class RolloutModule(CausalLMModule):
@@ -43,9 +44,12 @@ class RolloutModule(CausalLMModule):
             )
         super().__init__(**base)
         self.epoch_progress = 0.0  # epochs done, fractional; drives tau_sample annealing
-        # Registered, so a resumed run keeps the reference of the original start, not a copy
-        # of the resumed weights. Costs one extra model in memory only when the KL is on.
+        # A frozen copy of the starting weights (one extra model, only when the KL is on). Kept
+        # out of checkpoints: a resumed run rebuilds it from model.path, the same start.
         self.reference = copy.deepcopy(self.model).requires_grad_(False) if kl_coef > 0 else None
+        if self.reference is not None:
+            self.register_state_dict_post_hook(drop_reference_keys)
+            self.register_load_state_dict_post_hook(allow_missing_reference)
         self.register_buffer("tokens_generated", torch.zeros((), dtype=torch.long))
 
     @property
@@ -132,6 +136,20 @@ class RolloutModule(CausalLMModule):
         return masked_mean(
             torch.exp(log_ratio) - log_ratio - 1, chunk.loss_mask, self.hparams.loss_aggregation
         )
+
+
+def is_reference_key(key: str) -> bool:
+    return key.startswith(REFERENCE) or f".{REFERENCE}" in key
+
+
+def drop_reference_keys(module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + REFERENCE)]:
+        del state_dict[key]
+
+
+def allow_missing_reference(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not is_reference_key(key)]
 
 
 def annealed(start: float, end: float, progress: float, schedule: str) -> float:
