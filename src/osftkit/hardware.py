@@ -13,6 +13,7 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 log = logging.getLogger(__name__)
@@ -66,20 +67,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> None:
-        """`fully_shard` each layer of the named classes, then the root (embeddings, head)."""
-        if isinstance(model, FSDPModule):
-            return  # configure_model runs again for each trainer.validate / fit
-        mesh = self.device_mesh["data_parallel"]
-        layers = [m for m in model.modules() if isinstance(m, self.layer_classes)]
-        if not layers:
-            names = [c.__qualname__ for c in self.layer_classes]
-            raise ValueError(
-                f"hardware.strategy.layer_classes: no module of {names} in "
-                f"{type(model).__name__}; name the model's decoder layer class"
-            )
-        for layer in layers:
-            fully_shard(layer, mesh=mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
-        fully_shard(model, mesh=mesh, mp_policy=self.mp_policy, reshard_after_forward=False)
+        shard_model(model, self.layer_classes, self.device_mesh["data_parallel"], self.mp_policy)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
@@ -96,6 +84,29 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self.is_global_zero:
             swap_in(scratch, path)
         self.barrier("checkpoint_swapped")
+
+
+def shard_model(
+    model: nn.Module,
+    layer_classes: tuple[type, ...],
+    mesh: DeviceMesh,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> None:
+    """`fully_shard` each layer of `layer_classes`, then the root (embeddings, head)."""
+    if isinstance(model, FSDPModule):
+        return  # configure_model runs again for each trainer.validate / fit
+    layers = [m for m in model.modules() if isinstance(m, layer_classes)]
+    if not layers:
+        names = [c.__qualname__ for c in layer_classes]
+        raise ValueError(
+            f"hardware.strategy.layer_classes: no module of {names} in {type(model).__name__}; "
+            "name the model's decoder layer class"
+        )
+    policy = mp_policy or MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    # The root stays gathered between its forward and backward (FSDP2's default for the root).
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
 def swap_in(scratch: Path, path: Path) -> None:
