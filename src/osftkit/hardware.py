@@ -14,6 +14,7 @@ from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,19 @@ def shard_model(
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     # The root stays gathered between its forward and backward (FSDP2's default for the root).
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    if hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_pre_hook(refuse_sharded_lookup)
+
+
+def refuse_sharded_lookup(embedding: nn.Module, args: tuple) -> None:
+    """Inside the model's forward (or a rollout) FSDP2 has gathered the embeddings; a lookup
+    outside it would fail deep in DTensor, so say what happened instead."""
+    if isinstance(embedding.weight, DTensor):
+        raise ValueError(
+            "hardware=fsdp: the input embeddings were called outside the model's forward, where "
+            "FSDP2 keeps them sharded (an embedding splice, as in the backdoor methods, does "
+            "this); run this method with hardware=ddp or gpu"
+        )
 
 
 def swap_in(scratch: Path, path: Path) -> None:

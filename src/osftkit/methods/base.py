@@ -67,10 +67,19 @@ class CausalLMModule(LightningModule):
     def configure_model(self) -> None:
         """Under `hardware=fsdp*`: shard the policy (and the frozen KL reference) with FSDP2."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDP2Strategy):
-            for name in ("model", "reference"):
-                if getattr(self, name, None) is not None:
-                    strategy.shard(getattr(self, name))
+        if not isinstance(strategy, FSDP2Strategy):
+            return
+        sharded = [m for m in (self.model, getattr(self, "reference", None)) if m is not None]
+        outside = {id(p) for p in self.parameters() if p.requires_grad} - {
+            id(p) for m in sharded for p in m.parameters()
+        }
+        if outside:  # FSDP2 averages only the gradients of the modules it shards
+            raise ValueError(
+                f"hardware=fsdp shards the model only, but {type(self).__name__} also trains "
+                f"{len(outside)} tensor(s) outside it (e.g. a parrot); use hardware=ddp or gpu"
+            )
+        for module in sharded:
+            strategy.shard(module)
 
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):

@@ -66,7 +66,8 @@ class RolloutModule(CausalLMModule):
         rollouts = self.generate(
             batch, h.group_size, self.sampling_temperature, h.top_p, h.max_new_tokens
         )
-        self.tokens_generated += int(rollouts.lengths.sum())
+        # The run's total over all ranks, so that every rank holds (and a checkpoint keeps) it.
+        self.tokens_generated += self.all_gather(rollouts.lengths.sum()).sum()
         if bool(rollouts.truncated.all()):
             # Still trained on (cut responses are a valid signal), but usually a sign that
             # max_new_tokens is too small or the model has lost its EOS.
@@ -121,10 +122,7 @@ class RolloutModule(CausalLMModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         # So that validation curves can be drawn against generation cost, not only steps.
-        # Each rank counts its own rollouts: the run generated their sum.
-        self.log(
-            "val/tokens_generated", self.tokens_generated.float(), reduce_fx="sum", sync_dist=True
-        )
+        self.log("val/tokens_generated", self.tokens_generated.float(), sync_dist=False)
 
     def kl_to_reference(self, chunk: Rollouts, logp: Tensor) -> Tensor:
         """k3 estimator of KL(policy || reference) on the sampled response tokens."""
