@@ -1,6 +1,9 @@
 """GPU smoke test of `hardware=gpu` at real scale (prints figures; asserts nothing; ~5 minutes).
 
-    .venv/bin/python benchmarks/gpu_smoke.py [--prompts 64] [--response 1024]
+    .venv/bin/python benchmarks/gpu_smoke.py [--prompts 64] [--response 1024] [overrides ...]
+
+Extra Hydra overrides go to both runs (e.g. the micro-batch knobs of the step-memory issue: a
+64 x 1,056-token batch with a 151,936-word vocabulary has 41 GB of fp32 logits in one forward).
 
 A Qwen2.5-Math-1.5B-shaped model built from its config with random weights (no download), saved
 with save_pretrained and loaded by the kit as `model=qwen model.path=<dir>` (fp32 master weights,
@@ -87,14 +90,17 @@ def build_model(directory: Path, layers: int) -> None:
     build_byte_tokenizer().save_pretrained(directory)
 
 
-def run_steps(directory: Path, hardware: str, prompts: int, response: int, lr: float) -> tuple:
+def run_steps(
+    directory: Path, hardware: str, prompts: int, response: int, lr: float, extra: list[str]
+) -> tuple:
     overrides = [
-        "model=qwen", f"model.path={directory}", f"hardware={hardware}", "method=osft", "logger=none",
-        "callbacks=none", f"data.batch_size={prompts}", f"data.max_response_length={response}",
+        "model=qwen", f"model.path={directory}", f"hardware={hardware}", "method=osft",
+        "logger=none", "callbacks=none", f"data.batch_size={prompts}",
+        f"data.max_response_length={response}",
         "data.train.size=1024", f"method.optimizer.lr={lr}", "method.scheduler=null",
         "trainer.max_steps=1", "validate_before_fit=false", "validate_after_fit=false",
         "+trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false",
-        f"paths.output_dir={directory.parent / 'run'}",
+        f"paths.output_dir={directory.parent / 'run'}", *extra,
     ]  # fmt: skip
     cfg = compose_train_config(overrides)
     loaded, datamodule, module = build_components(cfg)
@@ -124,12 +130,15 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=1024)
     parser.add_argument("--hardware", default="gpu", help="cpu: a check of the script itself")
     parser.add_argument("--layers", type=int, default=QWEN_MATH_1P5B["num_hidden_layers"])
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch) / "qwen_math_1p5b_random"
         build_model(directory, args.layers)
-        module, _, probe = run_steps(directory, args.hardware, args.prompts, args.response, 3e-5)
+        module, _, probe = run_steps(
+            directory, args.hardware, args.prompts, args.response, 3e-5, args.overrides
+        )
         figures = {
             "device": torch.cuda.get_device_name() if gpu else "cpu",
             "weights_dtype": str(next(module.model.parameters()).dtype),
@@ -137,7 +146,7 @@ def main() -> None:
             "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
         }
         del module
-        module, start, _ = run_steps(directory, args.hardware, 8, 64, 1e-7)
+        module, start, _ = run_steps(directory, args.hardware, 8, 64, 1e-7, args.overrides)
         figures.update({f"lr1e-7_{k}": v for k, v in changed_shares(module, start).items()})
     print(json.dumps(figures, indent=2))
 

@@ -106,6 +106,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     """`ckpt_path=last` (or `auto_resume=true`) means `<run dir>/checkpoints/last.ckpt`; give
     the killed run's directory with `hydra.run.dir=...` so logs and TensorBoard continue there."""
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists() and last.with_name("last.ckpt.old").exists():
+        last = last.with_name("last.ckpt.old")  # killed in the instant of a sharded swap_in
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path == "last" and not last.exists():
         raise FileNotFoundError(
