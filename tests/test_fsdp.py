@@ -261,3 +261,12 @@ def test_a_kill_between_the_two_renames_of_a_swap_still_resumes(fast_cfg, tmp_pa
     old = tmp_path / "run" / "checkpoints" / "last.ckpt.old"
     old.mkdir(parents=True)
     assert resume_checkpoint(fast_cfg("ckpt_path=last")) == str(old)
+
+
+def test_a_lora_export_under_fsdp_is_refused_before_training(fast_cfg, tmp_path):
+    from osftkit.train import run
+
+    lora = "+model.lora={r: 4, target_modules: [q_proj, v_proj]}"
+    cfg = fast_cfg("method=sft", "hardware=fsdp_sim", lora, f"export_dir={tmp_path / 'e'}")
+    with pytest.raises(ValueError, match="export_dir with model.lora under hardware=fsdp"):
+        run(cfg)

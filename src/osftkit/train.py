@@ -130,6 +130,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with clear_errors():
         callbacks = instantiate_group(cfg.get("callbacks"))
     trainer = build_trainer(cfg, callbacks, loggers)
+    if (
+        cfg.get("export_dir")
+        and cfg.model.get("lora")
+        and isinstance(trainer.strategy, FSDP2Strategy)
+    ):
+        raise ValueError("export_dir with model.lora under hardware=fsdp: not supported; use ddp")
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     # A resumed run's "before" would be the checkpoint's numbers: the first launch reported it.
@@ -149,16 +155,11 @@ def export(loaded: LoadedModel, directory: str, writer: bool = True) -> None:
     """Save the trained model (LoRA merged) and tokenizer as an HF directory. Every rank calls it
     (a sharded model is consolidated collectively); the `writer` rank writes."""
     model = loaded.model
-    if fsdp_units(model):
-        if hasattr(model, "merge_and_unload"):
-            raise ValueError("export_dir with LoRA under hardware=fsdp: not supported; use ddp")
-        weights = consolidated_state_dict(model)
-    elif hasattr(model, "merge_and_unload"):
-        model, weights = model.merge_and_unload(), None
-    else:
-        weights = None
+    weights = consolidated_state_dict(model) if fsdp_units(model) else None
     if not writer:
         return
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     model.save_pretrained(directory, state_dict=weights)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
