@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -15,7 +16,13 @@ from osftkit.data import PromptDataModule
 from osftkit.methods import CausalLMModule
 from osftkit.models import LoadedModel
 from osftkit.models.loading import HUB_ID, ModelNotFoundError
-from osftkit.train import build_trainer, clear_errors, compose_train_config, instantiate_group
+from osftkit.train import (
+    build_trainer,
+    clear_errors,
+    compose_train_config,
+    instantiate_group,
+    trainer_precision,
+)
 from tests.conftest import CONFIG_DIR, compose_config
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
@@ -71,12 +78,25 @@ def test_hardware(option, tmp_path):
     if cfg.hardware.accelerator == "cpu":
         trainer = build_trainer(cfg, [], [])
         assert trainer.world_size == cfg.hardware.devices
+        assert trainer.precision == "32-true"  # the default model computes in fp32
     elif "_target_" in (cfg.hardware.get("strategy") or {}):
-        strategy = instantiate(cfg.hardware.strategy)  # GPU strategies build without a GPU
-        if option == "fsdp":
-            from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+        instantiate(cfg.hardware.strategy)  # GPU strategies build without a GPU
+    if option.startswith("fsdp"):
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-            assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
+        strategy = instantiate(cfg.hardware.strategy)
+        assert strategy.layer_classes == (Qwen2DecoderLayer,)
+        assert strategy.mp_policy.reduce_dtype == torch.float32
+
+
+def test_model_dtype_is_the_compute_dtype_over_fp32_weights(tmp_path):
+    """bf16 compute: autocast on gpu, FSDP2's parameter cast on fsdp; the Trainer's precision."""
+    gpu = compose_config(["model=qwen", "hardware=gpu"], tmp_path)
+    assert trainer_precision(gpu, None) == "bf16-mixed"
+    fsdp = compose_config(["model=qwen", "hardware=fsdp"], tmp_path)
+    strategy = instantiate(fsdp.hardware.strategy)
+    assert strategy.mp_policy.param_dtype == torch.bfloat16
+    assert trainer_precision(fsdp, strategy) == "32-true"
 
 
 @pytest.mark.parametrize("group", ["logger", "callbacks"])

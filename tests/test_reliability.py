@@ -1,5 +1,6 @@
 """Reliability: kill and resume, atomic checkpoints, determinism, sweeps with failed trials, DDP."""
 
+import os
 import re
 import shutil
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from osftkit import checkpointing
@@ -38,37 +40,44 @@ def val_scalars(run_dir: Path, which: int) -> dict[str, float]:
     return {tag: sorted(e, key=lambda x: x.wall_time)[which].value for tag, e in events.items()}
 
 
+def checkpoint_step(path: Path) -> int:
+    """global_step of a checkpoint file, or of a sharded (DCP) checkpoint directory."""
+    return torch.load(path / "meta.pt" if path.is_dir() else path, weights_only=True)["global_step"]
+
+
 def kill_after_first_checkpoint(args: list[str], run_dir: Path, tmp_path: Path) -> int:
-    """Start `train.py` in run_dir, SIGKILL it once last.ckpt exists; the step it had saved."""
+    """Start `train.py` in run_dir, SIGKILL it and its ranks once last.ckpt exists; the step it
+    had saved."""
     command, env = cli_command(*args, f"hydra.run.dir={run_dir}", tmp_path=tmp_path)
     process = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the launched ranks die with it
+    )  # fmt: skip
     last = run_dir / "checkpoints" / "last.ckpt"
     while not last.exists():
         assert process.poll() is None, "the run ended before writing a checkpoint"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    return torch.load(last, weights_only=True)["global_step"]
+    return checkpoint_step(last)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "osft"])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "hardware"), [("sft", "cpu"), ("osft", "cpu"), ("osft", "fsdp_sim")]
+)
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method, hardware):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    args = [*RESUMABLE, f"method={method}"]
-    result = cli(*args, f"hydra.run.dir={reference}", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    step = kill_after_first_checkpoint(args, killed, tmp_path)
-    assert 0 < step < 12  # killed mid-epoch, mid-run
-    result = cli(*args, f"hydra.run.dir={killed}", "ckpt_path=last", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = [*RESUMABLE, f"method={method}", f"hardware={hardware}"]
+    for run_dir, resume in ((reference, []), (killed, ["ckpt_path=last"])):
+        if resume:
+            assert 0 < kill_after_first_checkpoint(args, killed, tmp_path) < 12  # mid-run
+        result = cli(*args, f"hydra.run.dir={run_dir}", f"export_dir={run_dir / 'export'}",
+                     *resume, tmp_path=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
     assert val_scalars(killed, -1) == val_scalars(reference, -1)  # exact, on CPU
-    weights = [
-        torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-        for d in (reference, killed)
-    ]
+    # The exported weights: written at the end of each run, consolidated under FSDP.
+    weights = [load_file(d / "export" / "model.safetensors") for d in (reference, killed)]
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
     assert len(list((killed / "tensorboard").glob("events.out.tfevents*"))) > 1  # same directory
@@ -190,6 +199,6 @@ def test_ddp_sim_reduces_metrics_across_ranks_and_matches_one_process(tmp_path, 
     after = {hardware: val_scalars(d, -1) for hardware, d in runs.items()}
     assert after["ddp_sim"]["val/pass@1"] == pytest.approx(after["cpu"]["val/pass@1"], abs=0.25)
     assert after["ddp_sim"]["val/entropy"] == pytest.approx(after["cpu"]["val/entropy"], abs=0.1)
-    if method == "osft":  # rollouts: counted on each rank, summed
+    if method == "osft":  # rollouts: summed over the ranks
         tokens = {hardware: metrics["val/tokens_generated"] for hardware, metrics in after.items()}
         assert tokens["ddp_sim"] == pytest.approx(tokens["cpu"], rel=0.25)

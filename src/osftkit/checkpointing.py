@@ -2,14 +2,15 @@
 carries so that a resumed run draws the same samples as an uninterrupted one."""
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -45,18 +46,27 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-def rng_states() -> dict[str, Any]:
-    """torch, Python and NumPy RNG states in types that torch.load(weights_only=True) accepts."""
-    name, keys, *rest = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [name, keys.tolist(), *rest],
-    }
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
+def rng_states() -> list[dict[str, Any]]:
+    """Every rank's torch, CUDA, Python and NumPy RNG states (Lightning's collector), in types
+    that torch.load(weights_only=True) accepts; a collective when several ranks run."""
+    states = _collect_rng_states(include_cuda=True)
     name, keys, *rest = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    states["numpy"] = [name, keys.tolist(), *rest]
+    if not dist.is_initialized():
+        return [states]
+    gathered: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, states)
+    return gathered
+
+
+def restore_rng_states(states: list[dict[str, Any]] | dict[str, Any]) -> None:
+    """This rank's states (a checkpoint from a single-rank run seeds every rank alike)."""
+    if isinstance(states, dict):  # written before the states were kept per rank
+        states = [states]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = dict(states[rank] if rank < len(states) else states[0])
+    name, keys, *rest = mine["numpy"]
+    mine["numpy"] = (name, np.array(keys, dtype=np.uint32), *rest)
+    if not torch.cuda.is_available():
+        mine.pop("torch.cuda", None)
+    _set_rng_states(mine)

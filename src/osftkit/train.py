@@ -20,7 +20,13 @@ from rich.table import Table
 
 from osftkit.checkpointing import AtomicCheckpointIO
 from osftkit.data import DataLoadError
-from osftkit.hardware import configure_threads
+from osftkit.hardware import (
+    MIXED_PRECISION,
+    FSDP2Strategy,
+    configure_threads,
+    consolidated_state_dict,
+    fsdp_units,
+)
 from osftkit.models import LoadedModel
 from osftkit.models.loading import ModelNotFoundError
 
@@ -37,6 +43,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list[Logger]) -> L.
     hardware = {key: cfg.hardware[key] for key in TRAINER_HARDWARE_KEYS if key in cfg.hardware}
     if isinstance(hardware.get("strategy"), DictConfig):
         hardware["strategy"] = instantiate(hardware["strategy"])
+    hardware.setdefault("precision", trainer_precision(cfg, hardware.get("strategy")))
     return L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         **hardware,
@@ -45,6 +52,15 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list[Logger]) -> L.
         default_root_dir=cfg.paths.output_dir,
         plugins=[AtomicCheckpointIO()],
     )
+
+
+def trainer_precision(cfg: DictConfig, strategy: Any) -> str:
+    """Compute in `model.dtype` over the fp32 weights train.py loads: autocast, or under FSDP2
+    its own mixed-precision policy (the Trainer then keeps everything fp32)."""
+    compute = cfg.model.get("dtype", "float32")
+    if isinstance(strategy, FSDP2Strategy) or compute not in MIXED_PRECISION:
+        return "32-true"  # an unknown dtype is reported by the model loader, naming the knob
+    return MIXED_PRECISION[compute]
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -66,8 +82,10 @@ def clear_errors() -> Iterator[None]:
 def build_components(
     cfg: DictConfig,
 ) -> tuple[LoadedModel, L.LightningDataModule, L.LightningModule]:
+    # Training keeps fp32 master weights; `model.dtype` is the compute dtype (trainer_precision).
+    master = {"dtype": "float32"} if "dtype" in cfg.model else {}
     with clear_errors():
-        loaded: LoadedModel = instantiate(cfg.model)
+        loaded: LoadedModel = instantiate(cfg.model, **master)
     if loaded.tokenizer is None:
         method = instantiate(cfg.method, _convert_="all", model=loaded.model)
         return loaded, instantiate(cfg.data), method
@@ -88,6 +106,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     """`ckpt_path=last` (or `auto_resume=true`) means `<run dir>/checkpoints/last.ckpt`; give
     the killed run's directory with `hydra.run.dir=...` so logs and TensorBoard continue there."""
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists() and last.with_name("last.ckpt.old").exists():
+        last = last.with_name("last.ckpt.old")  # killed in the instant of a sharded swap_in
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path == "last" and not last.exists():
         raise FileNotFoundError(
@@ -110,6 +130,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with clear_errors():
         callbacks = instantiate_group(cfg.get("callbacks"))
     trainer = build_trainer(cfg, callbacks, loggers)
+    if (
+        cfg.get("export_dir")
+        and cfg.model.get("lora")
+        and isinstance(trainer.strategy, FSDP2Strategy)
+    ):
+        raise ValueError("export_dir with model.lora under hardware=fsdp: not supported; use ddp")
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     # A resumed run's "before" would be the checkpoint's numbers: the first launch reported it.
@@ -118,19 +144,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
     after = trainer.validate(module, datamodule)[0] if cfg.validate_after_fit else {}
     after = after or {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("export_dir"):
+        export(loaded, cfg.export_dir, trainer.is_global_zero)
     if trainer.is_global_zero:
         report(before, after)
-        if cfg.get("export_dir"):
-            export(loaded, cfg.export_dir)
     return {key: float(value) for key, value in after.items()}
 
 
-def export(loaded: LoadedModel, directory: str) -> None:
-    """Save the trained model (LoRA merged) and tokenizer as an HF directory."""
+def export(loaded: LoadedModel, directory: str, writer: bool = True) -> None:
+    """Save the trained model (LoRA merged) and tokenizer as an HF directory. Every rank calls it
+    (a sharded model is consolidated collectively); the `writer` rank writes."""
     model = loaded.model
+    weights = consolidated_state_dict(model) if fsdp_units(model) else None
+    if not writer:
+        return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=weights)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(directory)
     log.info("Saved the trained model as an HF directory: %s", directory)

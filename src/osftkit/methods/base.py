@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from osftkit.checkpointing import restore_rng_states, rng_states
+from osftkit.hardware import FSDP2Strategy, check_master_weights, gathered_weights
 from osftkit.methods.losses import masked_mean, next_token_logprobs
 from osftkit.metrics import PassAtK
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
@@ -62,9 +63,29 @@ class CausalLMModule(LightningModule):
         )
         self.val_metrics = nn.ModuleDict()
 
+    # ---- hardware -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under `hardware=fsdp*`: shard the policy (and the frozen KL reference) with FSDP2."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy):
+            return
+        sharded = [m for m in (self.model, getattr(self, "reference", None)) if m is not None]
+        outside = {id(p) for p in self.parameters() if p.requires_grad} - {
+            id(p) for m in sharded for p in m.parameters()
+        }
+        if outside:  # FSDP2 averages only the gradients of the modules it shards
+            raise ValueError(
+                f"hardware=fsdp shards the model only, but {type(self).__name__} also trains "
+                f"{len(outside)} tensor(s) outside it (e.g. a parrot); use hardware=ddp or gpu"
+            )
+        for module in sharded:
+            strategy.shard(module)
+
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        check_master_weights(trainable)
+        optimizer = self.optimizer_factory(params=trainable)
         settings = dict(self.hparams.scheduler or {"name": "constant"})
         scheduler = get_scheduler(
             settings.pop("name"),
@@ -108,7 +129,7 @@ class CausalLMModule(LightningModule):
     # ---- checkpoints -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Rollouts and validation samples draw from the global RNGs: a run resumed from this
-        # checkpoint must continue their streams to match an uninterrupted run.
+        # checkpoint must continue their streams to match an uninterrupted run; each rank its own.
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -119,18 +140,20 @@ class CausalLMModule(LightningModule):
     def generate(
         self, batch: dict, num_samples: int, temperature: float, top_p: float, max_new_tokens: int
     ) -> Rollouts:
-        """Sample from the model as it is now (no grad, eval mode) through the engine."""
-        return self.engine.generate(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        """Sample from the model as it is now (no grad, eval mode) through the engine; a sharded
+        model is gathered once for the whole rollout."""
+        with gathered_weights(self.model):
+            return self.engine.generate(
+                self.model,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                num_samples=num_samples,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
 
     def decode(self, rollouts: Rollouts) -> list[str]:
         ids = (rollouts.response_ids * rollouts.response_mask).tolist()

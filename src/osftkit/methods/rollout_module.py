@@ -13,6 +13,7 @@ from osftkit.methods.losses import AGGREGATIONS, masked_mean, next_token_logprob
 from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
+REFERENCE = "reference."  # the KL reference's state-dict prefix
 
 
 class RolloutModule(CausalLMModule):
@@ -43,9 +44,12 @@ class RolloutModule(CausalLMModule):
             )
         super().__init__(**base)
         self.epoch_progress = 0.0  # epochs done, fractional; drives tau_sample annealing
-        # Registered, so a resumed run keeps the reference of the original start, not a copy
-        # of the resumed weights. Costs one extra model in memory only when the KL is on.
+        # A frozen copy of the starting weights (one extra model, only when the KL is on). Kept
+        # out of checkpoints: a resumed run rebuilds it from model.path, the same start.
         self.reference = copy.deepcopy(self.model).requires_grad_(False) if kl_coef > 0 else None
+        if self.reference is not None:
+            self.register_state_dict_post_hook(drop_reference_keys)
+            self.register_load_state_dict_post_hook(allow_missing_reference)
         self.register_buffer("tokens_generated", torch.zeros((), dtype=torch.long))
 
     @property
@@ -62,7 +66,8 @@ class RolloutModule(CausalLMModule):
         rollouts = self.generate(
             batch, h.group_size, self.sampling_temperature, h.top_p, h.max_new_tokens
         )
-        self.tokens_generated += int(rollouts.lengths.sum())
+        # The run's total over all ranks, so that every rank holds (and a checkpoint keeps) it.
+        self.tokens_generated += self.all_gather(rollouts.lengths.sum()).sum()
         if bool(rollouts.truncated.all()):
             # Still trained on (cut responses are a valid signal), but usually a sign that
             # max_new_tokens is too small or the model has lost its EOS.
@@ -117,10 +122,7 @@ class RolloutModule(CausalLMModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         # So that validation curves can be drawn against generation cost, not only steps.
-        # Each rank counts its own rollouts: the run generated their sum.
-        self.log(
-            "val/tokens_generated", self.tokens_generated.float(), reduce_fx="sum", sync_dist=True
-        )
+        self.log("val/tokens_generated", self.tokens_generated.float(), sync_dist=False)
 
     def kl_to_reference(self, chunk: Rollouts, logp: Tensor) -> Tensor:
         """k3 estimator of KL(policy || reference) on the sampled response tokens."""
@@ -132,6 +134,20 @@ class RolloutModule(CausalLMModule):
         return masked_mean(
             torch.exp(log_ratio) - log_ratio - 1, chunk.loss_mask, self.hparams.loss_aggregation
         )
+
+
+def is_reference_key(key: str) -> bool:
+    return key.startswith(REFERENCE) or f".{REFERENCE}" in key
+
+
+def drop_reference_keys(module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + REFERENCE)]:
+        del state_dict[key]
+
+
+def allow_missing_reference(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not is_reference_key(key)]
 
 
 def annealed(start: float, end: float, progress: float, schedule: str) -> float:

@@ -1,0 +1,272 @@
+"""FSDP2 on 2 CPU processes over gloo: gathers per rollout, exact data-parallel training, the
+fp32-master rule, sharded checkpoints, and `hardware=fsdp_sim` end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+from osftkit.hardware import (
+    FSDP2Strategy,
+    check_master_weights,
+    consolidated_state_dict,
+    gathered_weights,
+    shard_model,
+    swap_in,
+)
+from osftkit.methods import SFTModule
+from osftkit.methods.losses import masked_mean, next_token_logprobs
+from osftkit.models.loading import resolve_path
+from osftkit.rollout import HFGenerateEngine
+from tests.conftest import FAST, cli, compose_config
+
+WORLD = 2
+SANDE = ["model=tiny", "data=instructions", "data.train.size=64", "data.val.instructions.size=8",
+         "data.val_batch_size=8", "callbacks.progress_bar=null", "method.simulate_steps=1",
+         "validation.n_samples=1", "validation.ks=[1]"]  # fmt: skip
+PROMPTS = ["12+7=", "3+4=", "40+2=", "9+9="]  # two per rank
+
+
+def tiny_dir(tmp_path: Path) -> str:
+    cfg = compose_config(["model=tiny"])
+    return resolve_path(None, str(tmp_path / "models"), dict(cfg.model.tiny))
+
+
+def spawn(worker, tmp_path: Path, *args) -> list[dict]:
+    """Run `worker(rank, tmp_path, *args)` on 2 gloo ranks; each returns a JSON-able dict."""
+    mp.spawn(_init_and_run, args=(str(tmp_path), worker, args), nprocs=WORLD, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _init_and_run(rank: int, tmp_path: str, worker, args: tuple) -> None:
+    torch.set_num_threads(1)
+    init = f"file://{tmp_path}/rendezvous"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        result = worker(rank, Path(tmp_path), *args)
+        (Path(tmp_path) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded(directory: str) -> tuple[torch.nn.Module, AutoTokenizer]:
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("data_parallel",))
+    shard_model(model, (Qwen2DecoderLayer,), mesh["data_parallel"])
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+def prompt_batch(tokenizer, prompts: list[str]) -> dict:
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    return {"prompt_ids": encoded.input_ids, "prompt_mask": encoded.attention_mask}
+
+
+def count_all_gathers() -> list[int]:
+    """Patch FSDP2's all-gather of a unit's parameters (in this spawned process only); the
+    returned list grows by one per all-gather."""
+    calls: list[int] = []
+    original = _fsdp_param_group.foreach_all_gather
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    _fsdp_param_group.foreach_all_gather = counted
+    return calls
+
+
+def gather_worker(rank: int, tmp_path: Path, directory: str) -> dict:
+    model, tokenizer = sharded(directory)
+    units = sum(1 for _ in model.modules() if hasattr(_, "unshard"))
+    module = SFTModule(model=model, tokenizer=tokenizer, optimizer=torch.optim.AdamW)
+    batch = prompt_batch(tokenizer, PROMPTS[2 * rank : 2 * rank + 2])
+    calls = count_all_gathers()
+    steps = 12
+    # Before: generate on the sharded model, every unit gathered at each decoding step (both
+    # ranks decode exactly `steps` steps: their per-step gathers must pair up).
+    with torch.no_grad():
+        model.generate(**{"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_mask"]},
+                       min_new_tokens=steps, max_new_tokens=steps, do_sample=False)  # fmt: skip
+    before = len(calls)
+    # After: one gather per unit for the whole rollout, whatever its length. The ranks decode
+    # different numbers of steps: any collective between steps would hang here.
+    counts = []
+    for length in (4 + 8 * rank, 24 + 8 * rank):
+        calls.clear()
+        greedy = module.generate(batch, 1, 0.0, 1.0, length)
+        counts.append(len(calls))
+    full = AutoModelForCausalLM.from_pretrained(directory)  # reference: the unsharded model
+    expected = HFGenerateEngine().generate(
+        full, batch["prompt_ids"], batch["prompt_mask"], num_samples=1, temperature=0.0,
+        top_p=1.0, max_new_tokens=length, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    # Training works after the rollout: the layers reshard again after forward.
+    logp, _ = next_token_logprobs(model, greedy.sequences, greedy.attention_mask)
+    logp.sum().backward()
+    return {
+        "units": units,
+        "before": before,
+        "after": counts,
+        "same_as_unsharded": torch.equal(greedy.response_ids, expected.response_ids),
+        "steps": steps,
+    }
+
+
+def test_a_rollout_gathers_each_fsdp_unit_once_whatever_its_length(tmp_path):
+    results = spawn(gather_worker, tmp_path, tiny_dir(tmp_path))
+    for result in results:
+        assert result["units"] == 4  # 3 decoder layers + the root
+        # At most one all-gather per unit (the root may still be gathered from the forward
+        # before), the same for 4 or 32 decoding steps.
+        assert result["after"][1] == result["units"] >= result["after"][0], result
+        assert result["before"] == 1 + result["steps"] * 3, result  # each layer, every step
+        assert result["same_as_unsharded"]
+    print("all-gathers per 12-step rollout: before", results[0]["before"], "after",
+          results[0]["after"][0])  # fmt: skip
+
+
+def train_steps(model: torch.nn.Module, batch: dict, steps: int) -> None:
+    """The kit's optimiser step: log-probs, loss, backward, clip by norm, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        logp, _ = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        # sequence_mean: the mean over rows of the global batch equals the mean of the ranks'
+        # means (equal rows per rank), so averaged gradients are the one-process gradients.
+        loss = masked_mean(-logp, batch["loss_mask"], "sequence_mean")
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+
+
+def sequences(tokenizer, rows: slice) -> dict:
+    tokenizer.padding_side = "right"
+    texts = [p + str(eval(p[:-1])) for p in PROMPTS]  # noqa: S307 - our own arithmetic
+    encoded = tokenizer(texts[rows], return_tensors="pt", padding="max_length", max_length=12)
+    mask = encoded.attention_mask
+    return {"input_ids": encoded.input_ids, "attention_mask": mask, "loss_mask": mask[:, 1:]}
+
+
+def training_worker(rank: int, tmp_path: Path, directory: str) -> dict:
+    model, tokenizer = sharded(directory)
+    train_steps(model, sequences(tokenizer, slice(2 * rank, 2 * rank + 2)), steps=3)
+    weights = consolidated_state_dict(model)
+    if rank == 0:
+        torch.save(weights, tmp_path / "fsdp.pt")
+    return {"greedy": greedy_ids(model, tokenizer)}
+
+
+def greedy_ids(model: torch.nn.Module, tokenizer) -> list[list[int]]:
+    batch = prompt_batch(tokenizer, PROMPTS)
+    with gathered_weights(model):
+        rollouts = HFGenerateEngine().generate(
+            model, batch["prompt_ids"], batch["prompt_mask"], num_samples=1, temperature=0.0,
+            top_p=1.0, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+    return rollouts.response_ids.tolist()
+
+
+def test_two_rank_fsdp2_training_equals_one_process_on_the_same_global_batch(tmp_path):
+    directory = tiny_dir(tmp_path)
+    results = spawn(training_worker, tmp_path, directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    train_steps(model, sequences(tokenizer, slice(0, 4)), steps=3)
+    sharded_weights = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    start = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+    for name, value in model.state_dict().items():
+        assert not torch.equal(value, start[name]) or "norm" in name, f"{name} did not train"
+        torch.testing.assert_close(sharded_weights[name], value, atol=1e-5, rtol=0, msg=name)
+    assert results[0]["greedy"] == results[1]["greedy"] == greedy_ids(model, tokenizer)
+
+
+def test_training_bf16_weights_without_an_fp32_copy_fails_at_start(tiny_lm):
+    check_master_weights(p for p in tiny_lm.model.parameters())  # fp32: fine
+    bf16 = [torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)]
+    with pytest.raises(ValueError, match="no fp32 master copy.*leave hardware.precision unset"):
+        check_master_weights(bf16)
+
+
+def test_a_bf16_true_run_is_refused_before_the_first_step(fast_cfg):
+    from osftkit.train import run
+
+    with pytest.raises(ValueError, match="no fp32 master copy"):
+        run(fast_cfg("method=sft", "+hardware.precision=bf16-true", "validate_before_fit=false"))
+
+
+def test_fsdp_names_a_layer_class_the_model_lacks(tiny_lm):
+    mesh = None  # never reached: the class check comes first
+    with pytest.raises(ValueError, match="hardware.strategy.layer_classes: no module of"):
+        shard_model(tiny_lm.model, (torch.nn.Conv2d,), mesh)
+
+
+def test_fsdp_strategy_refuses_an_unknown_dtype():
+    with pytest.raises(ValueError, match="hardware.strategy.param_dtype"):
+        FSDP2Strategy(layer_classes=["torch.nn.Linear"], param_dtype="fp8")
+
+
+def test_a_checkpoint_swap_never_leaves_no_checkpoint(tmp_path):
+    path, scratch = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
+    for step in (1, 2):
+        scratch.mkdir()
+        (scratch / "meta.pt").write_text(str(step))
+        swap_in(scratch, path)
+        assert (path / "meta.pt").read_text() == str(step) and not scratch.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_gathered_weights_passes_through_an_unsharded_model(tiny_lm):
+    with gathered_weights(tiny_lm.model):
+        pass
+
+
+def test_fsdp_sim_osft_runs_end_to_end_from_the_cli(tmp_path):
+    result = cli(*FAST, "method=osft", "hardware=fsdp_sim", "debug=fast", "task_name=fsdp",
+                 "method.kl_coef=0.1", tmp_path=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "distributed_backend=gloo" in output and "val/pass@1" in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_fsdp_sim_runs_each_method(tmp_path, method):
+    extra = ["method.group_size=2"] if method == "grpo" else []
+    result = cli(*FAST, f"method={method}", *extra, "hardware=fsdp_sim", "debug=fast",
+                 tmp_path=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_sim_refuses_sande_whose_parrot_it_would_not_average(tmp_path):
+    result = cli(*SANDE, "method=sande", "hardware=fsdp_sim", "trainer.max_steps=2",
+                 tmp_path=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "hardware=fsdp shards the model only, but SANDEModule also trains" in result.stderr
+
+
+def test_a_kill_between_the_two_renames_of_a_swap_still_resumes(fast_cfg, tmp_path):
+    from osftkit.train import resume_checkpoint
+
+    old = tmp_path / "run" / "checkpoints" / "last.ckpt.old"
+    old.mkdir(parents=True)
+    assert resume_checkpoint(fast_cfg("ckpt_path=last")) == str(old)
+
+
+def test_a_lora_export_under_fsdp_is_refused_before_training(fast_cfg, tmp_path):
+    from osftkit.train import run
+
+    lora = "+model.lora={r: 4, target_modules: [q_proj, v_proj]}"
+    cfg = fast_cfg("method=sft", "hardware=fsdp_sim", lora, f"export_dir={tmp_path / 'e'}")
+    with pytest.raises(ValueError, match="export_dir with model.lora under hardware=fsdp"):
+        run(cfg)
