@@ -120,7 +120,9 @@ def load_causal_lm(
         raise ModelNotFoundError(_offline_message(location, error)) from error
     _ensure_pad_token(tokenizer, model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     if lora is not None:
         model = _wrap_lora(model, lora)
     return LoadedModel(model=model, tokenizer=tokenizer)
