@@ -116,6 +116,7 @@ class CausalLMModule(LightningModule):
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         self.lr_schedulers().step()
 
     def train_on(

@@ -29,14 +29,18 @@ def _chunk_scores(
     hidden: Tensor, head: nn.Module, targets: Tensor, temperature: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor]:
     """log p(target) and (no grad) entropy of one chunk of positions (M, D) -> (M,), (M,)."""
-    logits = head(hidden).float() / temperature
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        # In place: the head's matmul keeps its inputs, not this output.
+        logits = logits.div_(temperature)
     normaliser = logits.logsumexp(dim=-1)
     chosen = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser
     if not with_entropy:
         return chosen, chosen.new_zeros(())
     with torch.no_grad():
-        log_probs = logits - normaliser[:, None]
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+        # H = log Z - sum p * logits: one (M, V) temporary (p), no product tensor.
+        probs = (logits - normaliser[:, None]).exp_()
+        entropy = normaliser - torch.linalg.vecdot(probs, logits)
     return chosen, entropy
 
 
