@@ -30,6 +30,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from osftkit.methods import OSFTModule
 from osftkit.methods.micro_batches import TokenBatch
 from osftkit.models.logprobs import position_ids_from_mask
+from osftkit.plan import plain_optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, LAYERS = 151_936, 256, 2
@@ -101,16 +102,7 @@ def osft_module(model, **knobs) -> OSFTModule:
         max_new_tokens=RESPONSE,
         **knobs,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step(losses) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        for loss in losses:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    module.step = step
+    plain_optimizer_step(module, torch.optim.AdamW(model.parameters(), lr=1e-5))
     return module
 
 
@@ -126,14 +118,14 @@ def run_variant(variant: str) -> dict[str, float]:
         batch = fixed_batch()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def one_step() -> float:
-            optimizer.zero_grad(set_to_none=True)
+        def one_step() -> float:  # as plain_optimizer_step: gradients freed after the step
             logp, entropy = old_logprobs(model, batch)
             mask = batch.score_mask.float()
             loss = -(logp * mask).sum() / mask.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             return float(loss)
     else:
         batch = fixed_batch() if variant == "new" else variable_batch()

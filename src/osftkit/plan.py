@@ -268,6 +268,21 @@ def rss_bytes(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) * 1024
 
 
+def plain_optimizer_step(module, optimizer: torch.optim.Optimizer) -> None:
+    """Let `module.train_on` run without a Trainer: its step backpropagates each micro-batch
+    loss, clips and steps `optimizer` (what `CausalLMModule.step` does through Lightning)."""
+
+    def step(losses) -> None:
+        for loss in losses:
+            loss.backward()
+        if module.hparams.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), module.hparams.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    module.step = step
+
+
 def measured_step_peak(cfg: DictConfig) -> float:
     """Bytes of one real training step of `cfg` on CPU, on synthetic rows of the longest length:
     the weights built (counted exactly) + the peak RSS of the step above the RSS before it (after
@@ -293,15 +308,8 @@ def measured_step_peak(cfg: DictConfig) -> float:
     ids = torch.randint(0, vocab, (rows, width), generator=torch.Generator().manual_seed(0))
     score = torch.zeros_like(ids, dtype=torch.bool)
     score[:, data.max_prompt_length :] = True
-    optimizer = module.optimizer_factory(params=[p for p in module.parameters() if p.requires_grad])
-
-    def step(losses) -> None:
-        for loss in losses:
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    module.step = step
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    plain_optimizer_step(module, module.optimizer_factory(params=trainable))
     loss_fn = module.minibatch_loss if rollout else module.nll_loss
     per_row = {"advantages": torch.ones(rows)} if "clip_eps" in method else {}
 
