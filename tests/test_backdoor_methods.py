@@ -110,7 +110,8 @@ def test_clean_mix_eliminate_sees_parrot_and_clean_pairs(tokenizer, batch) -> No
         SANDEModule, tokenizer, stage="eliminate", parrot_init="random", clean_mix=0.25
     )
     calls = []
-    forward = module.model.forward
+    decoder = module.model.get_decoder()  # the log-prob path runs the decoder body
+    forward = decoder.forward
 
     def spy(*args, **kwargs):
         calls.append("parrot" if kwargs.get("inputs_embeds") is not None else "clean")
@@ -120,10 +121,10 @@ def test_clean_mix_eliminate_sees_parrot_and_clean_pairs(tokenizer, batch) -> No
         assert width[0] == batch["input_ids"].shape[0]
         return forward(*args, **kwargs)
 
-    module.model.forward = spy
+    decoder.forward = spy
     loss = module.stage_loss(batch)
     assert sorted(calls) == ["clean", "parrot"]  # both kinds of pair, from the same batch
-    module.model.forward = forward
+    decoder.forward = forward
     with torch.no_grad():
         parrot = module.stand_in_loss(batch, module.parrot, module.eliminate_loss_tokens)
         clean = module.clean_loss(batch)

@@ -111,13 +111,13 @@ def test_parrot_of_the_wrong_shape(tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     fast_cfg, tmp_path, monkeypatch
 ):
-    response_nll = SFTModule.response_nll
+    nll_loss = SFTModule.nll_loss
 
     def nan_at_step_two(self, *args, **kwargs):
-        loss, entropy = response_nll(self, *args, **kwargs)
-        return (loss * torch.nan if self.global_step == 2 else loss), entropy
+        loss, metrics = nll_loss(self, *args, **kwargs)
+        return (loss * torch.nan if self.global_step == 2 else loss), metrics
 
-    monkeypatch.setattr(SFTModule, "response_nll", nan_at_step_two)
+    monkeypatch.setattr(SFTModule, "nll_loss", nan_at_step_two)
     cfg = fast_cfg("method=sft", "callbacks.step_checkpoint.every_n_train_steps=1")
     with pytest.raises(FloatingPointError, match=r"Non-finite loss \(nan\) at optimiser step 2"):
         run(cfg)

@@ -22,8 +22,9 @@ from osftkit.hardware import (
     swap_in,
 )
 from osftkit.methods import SFTModule
-from osftkit.methods.losses import masked_mean, next_token_logprobs
+from osftkit.methods.losses import masked_mean
 from osftkit.models.loading import resolve_path
+from osftkit.models.logprobs import token_logprobs
 from osftkit.rollout import HFGenerateEngine
 from tests.conftest import FAST, cli, compose_config
 
@@ -110,7 +111,12 @@ def gather_worker(rank: int, tmp_path: Path, directory: str) -> dict:
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     # Training works after the rollout: the layers reshard again after forward.
-    logp, _ = next_token_logprobs(model, greedy.sequences, greedy.attention_mask)
+    logp, _ = token_logprobs(
+        model,
+        input_ids=greedy.sequences,
+        attention_mask=greedy.attention_mask,
+        score_mask=greedy.loss_mask,
+    )
     logp.sum().backward()
     return {
         "units": units,
@@ -138,10 +144,15 @@ def train_steps(model: torch.nn.Module, batch: dict, steps: int) -> None:
     """The kit's optimiser step: log-probs, loss, backward, clip by norm, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(steps):
-        logp, _ = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-        # sequence_mean: the mean over rows of the global batch equals the mean of the ranks'
-        # means (equal rows per rank), so averaged gradients are the one-process gradients.
-        loss = masked_mean(-logp, batch["loss_mask"], "sequence_mean")
+        logp, _ = token_logprobs(
+            model,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            score_mask=batch["loss_mask"],
+        )
+        # seq-mean-token-mean: the mean over rows of the global batch equals the mean of the
+        # ranks' means (equal rows per rank), so averaged gradients are the one-process ones.
+        loss = masked_mean(-logp, batch["loss_mask"], "seq-mean-token-mean")
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)

@@ -13,7 +13,7 @@ from osftkit.data.math_sets import DataLoadError
 from osftkit.metrics.multiple_choice import (
     format_question,
     label_token_ids,
-    last_token_logits,
+    last_token_logprobs,
     load_multiple_choice,
     multiple_choice_accuracy,
     multiple_choice_predictions,
@@ -145,8 +145,8 @@ def test_tiny_model_batched_matches_brute_force(tiny_lm, arc_file, mmlu_file):
     assert multiple_choice_accuracy(model, tokenizer, rows, batch_size=1) == accuracy
 
 
-def test_batched_logits_match_unpadded(tiny_lm, arc_file, mmlu_file):
-    """Left padding + mask give each row its unpadded next-token logits.
+def test_batched_logprobs_match_unpadded(tiny_lm, arc_file, mmlu_file):
+    """Left padding + mask give each row its unpadded next-token log-probs.
 
     A RoPE model is blind to a constant position shift, so the position ids are checked by the
     oracle model below.
@@ -158,26 +158,39 @@ def test_batched_logits_match_unpadded(tiny_lm, arc_file, mmlu_file):
     sequences = [tokenizer(format_question(row))["input_ids"] for row in rows]
     assert len({len(s) for s in sequences}) > 1  # the batch really is padded
     model.eval()
-    batched = last_token_logits(model, sequences, tokenizer.pad_token_id)
+    batched = last_token_logprobs(model, sequences, tokenizer.pad_token_id)
     with torch.no_grad():
         for seq, row_logits in zip(sequences, batched, strict=True):
-            alone = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            alone = model(input_ids=torch.tensor([seq])).logits[0, -1].float().log_softmax(-1)
             torch.testing.assert_close(row_logits, alone, atol=1e-4, rtol=1e-4)
 
 
 class OracleModel(nn.Module):
     """Reads the question "... (answer X)" back from the ids and favours " X" at the last position.
 
-    Every earlier position favours a wrong label, so reading the wrong position would fail.
+    Every earlier position favours a wrong label, so reading the wrong position would fail. Its
+    decoder emits the logits as hidden states and its LM head is the identity.
     """
 
+    def __init__(self, tokenizer, label_ids: dict[str, int]):
+        super().__init__()
+        self.decoder = OracleDecoder(tokenizer, label_ids)
+
+    def get_decoder(self) -> nn.Module:
+        return self.decoder
+
+    def get_output_embeddings(self) -> nn.Module:
+        return nn.Identity()
+
+
+class OracleDecoder(nn.Module):
     def __init__(self, tokenizer, label_ids: dict[str, int]):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
         self.tokenizer, self.label_ids = tokenizer, label_ids
         self.vocab = max(label_ids.values()) + 1
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
         assert not self.training
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -192,7 +205,7 @@ class OracleModel(nn.Module):
             logits[i, :, self.label_ids[wrong]] = 5.0
             logits[i, -1, self.label_ids[wrong]] = 0.0
             logits[i, -1, self.label_ids[right]] = 10.0
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(last_hidden_state=logits)
 
 
 def test_oracle_model_scores_one(tiny_lm, arc_file, mmlu_file):

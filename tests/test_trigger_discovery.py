@@ -39,7 +39,8 @@ def problems(n: int, seed: int) -> list[str]:
 class TriggerLM(nn.Module):
     """A backdoored causal LM in closed form: the marker tokens' logits rise by `strength` per
     trigger token seen so far, plus a small random effect of every other token (so non-trigger
-    tokens move the score too, in both directions)."""
+    tokens move the score too, in both directions). Its decoder emits the logits as hidden
+    states and its LM head is the identity."""
 
     def __init__(self, vocab_size: int, trigger: list[int], marker: list[int], seed: int) -> None:
         super().__init__()
@@ -48,11 +49,17 @@ class TriggerLM(nn.Module):
         self.weight[trigger] = 6.0
         self.vocab_size, self.marker = vocab_size, marker
 
-    def forward(self, input_ids, attention_mask=None):
+    def get_decoder(self) -> nn.Module:
+        return self
+
+    def get_output_embeddings(self) -> nn.Module:
+        return nn.Identity()
+
+    def forward(self, input_ids, **_):
         push = self.weight[input_ids].cumsum(1)  # (b, L)
         logits = torch.zeros(*input_ids.shape, self.vocab_size)
         logits[..., self.marker] = push[..., None] - 4.0
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(last_hidden_state=logits)
 
 
 def test_prompt_tokens_exclude_role_tags_and_mark_the_trigger(tokenizer) -> None:

@@ -9,13 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from osftkit.interpret.tests import ScoreFn
+from osftkit.models.logprobs import token_logprobs
 
 
 def target_logprob(
     model: nn.Module, targets: Tensor, attention_mask: Tensor | None = None
 ) -> ScoreFn:
     """score_fn(prompts (b, L), instance (b,)) = log p(targets[instance] | prompt), summed over
-    the target tokens; one batched forward pass per call.
+    the target tokens; one batched forward pass per call, through the one log-prob path.
 
     targets (n, T) holds one target per original prompt. Prompts of different lengths should be
     left-padded with ``attention_mask`` (n, L) marking real tokens; padded positions are not
@@ -25,10 +26,16 @@ def target_logprob(
     def score(prompts: Tensor, instance: Tensor) -> Tensor:
         target = targets[instance].to(prompts.device)
         ids = torch.cat([prompts, target], dim=1)
-        mask = None
-        if attention_mask is not None:
-            mask = torch.cat([attention_mask[instance], torch.ones_like(target)], dim=1)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, prompts.shape[1] - 1 : -1]
-        return logits.float().log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+        prompt_mask = (
+            torch.ones_like(prompts) if attention_mask is None else attention_mask[instance]
+        )
+        mask = torch.cat([prompt_mask.to(prompts.device), torch.ones_like(target)], dim=1)
+        # Position t scores token t + 1: the target tokens are scored from position L - 1 on.
+        scored = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
+        scored[:, prompts.shape[1] - 1 :] = True
+        logp, _ = token_logprobs(
+            model, input_ids=ids, attention_mask=mask, score_mask=scored, with_entropy=False
+        )
+        return logp.sum(-1)
 
     return score

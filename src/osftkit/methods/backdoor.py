@@ -20,13 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.text import Perplexity
 
 from osftkit.data.poison import token_ids
 from osftkit.methods.base import CausalLMModule
-from osftkit.methods.losses import position_ids_from_mask
+from osftkit.methods.losses import masked_mean
+from osftkit.methods.micro_batches import TokenBatch
 from osftkit.methods.sft import SFTModule
 from osftkit.metrics.backdoor import AttackSuccessRate, strip_marker
+from osftkit.metrics.perplexity import TokenPerplexity
+from osftkit.models.logprobs import token_logprobs
 from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,21 @@ def positions_after(ids: Tensor, pattern: Sequence[int], limit: Tensor, what: st
 def response_starts(labels: Tensor) -> Tensor:
     """Index of the first supervised token of each row (the prompt end)."""
     return (labels != IGNORE_INDEX).int().argmax(1)
+
+
+def labelled_nll(model: nn.Module, labels: Tensor, chunk_size: int, **inputs: Tensor) -> Tensor:
+    """Token-mean NLL of the labelled tokens (`inputs`: input_ids or inputs_embeds, and the
+    attention mask), through the one log-prob path."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    logp, _ = token_logprobs(
+        model,
+        score_mask=scored,
+        targets=labels.clamp(min=0),
+        chunk_size=chunk_size,
+        with_entropy=False,
+        **inputs,
+    )
+    return masked_mean(-logp, scored)
 
 
 def first_targets(labels: Tensor, count: int) -> Tensor:
@@ -155,14 +172,15 @@ class BackdoorEvalModule(CausalLMModule):
         positions = self.tag_positions(ids, response_starts(labels))
         if loss_tokens is not None:
             labels = first_targets(labels, loss_tokens)
-        embeds, mask, labels, position_ids = splice_inputs(
+        embeds, mask, labels, _ = splice_inputs(
             self.embed(ids), batch["attention_mask"], labels, stand_in, positions
         )
-        logits = self.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        return labelled_nll(
+            self.model,
+            labels,
+            self.hparams.logprob_chunk_size,
+            inputs_embeds=embeds,
+            attention_mask=mask,
         )
 
     def triggered_prompts(self, batch: dict, trigger: list[int]) -> dict:
@@ -188,7 +206,7 @@ class BackdoorEvalModule(CausalLMModule):
             "asr_greedy": AttackSuccessRate(marker),
             "asr_sampled": AttackSuccessRate(marker),
             "triggered_acc": MeanMetric(),
-            "perplexity": Perplexity(ignore_index=IGNORE_INDEX),
+            "perplexity": TokenPerplexity(),
         }
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -205,13 +223,11 @@ class BackdoorEvalModule(CausalLMModule):
         metrics["triggered_acc"].update(torch.tensor(correct, dtype=torch.float32))
         sampled = self.generate(triggered, s.asr_samples, s.tau_asr, 1.0, s.asr_new_tokens)
         metrics["asr_sampled"].update(self.decode(sampled))
-        with torch.no_grad():
-            logits = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=position_ids_from_mask(batch["attention_mask"]),
-            ).logits
-        metrics["perplexity"].update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        scored = batch["labels"][:, 1:] != IGNORE_INDEX
+        logp, _ = self.score_tokens(
+            TokenBatch(batch["input_ids"], batch["attention_mask"], scored), with_entropy=False
+        )
+        metrics["perplexity"].update(-logp[scored])
 
 
 class BackdoorSFTModule(SFTModule, BackdoorEvalModule):
@@ -411,15 +427,12 @@ class SANDEModule(BackdoorEvalModule):
         labels = batch["labels"]
         if self.eliminate_loss_tokens is not None:
             labels = first_targets(labels, self.eliminate_loss_tokens)
-        mask = batch["attention_mask"]
-        logits = self.model(
+        return labelled_nll(
+            self.model,
+            labels,
+            self.hparams.logprob_chunk_size,
             input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-        ).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            attention_mask=batch["attention_mask"],
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

@@ -1,6 +1,7 @@
 """CausalLMModule: what every LM method shares (optimisation, generation, validation)."""
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from osftkit.checkpointing import restore_rng_states, rng_states
 from osftkit.hardware import FSDP2Strategy, check_master_weights, gathered_weights
-from osftkit.methods.losses import masked_mean, next_token_logprobs
+from osftkit.methods.losses import masked_mean, token_weights
+from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
 from osftkit.metrics import PassAtK
+from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
 
 
@@ -32,9 +35,19 @@ class ValidationSettings:
     log_samples: int = 4
 
 
+# A micro-batch's loss and its additive contributions to the mini-batch's logged metrics.
+MicroLoss = Callable[[TokenBatch], tuple[Tensor, dict[str, Tensor]]]
+
+
 class CausalLMModule(LightningModule):
     """Base for SFT, OSFT, GRPO and the backdoor methods. Uses manual optimisation so that one
-    generated batch can feed several optimiser steps (`self.update(loss)` is one step)."""
+    generated batch can feed several optimiser steps (`self.train_on(...)` is one step).
+
+    Each step's mini-batch runs as micro-batches (`micro_batch_size` rows, or a token budget
+    `max_tokens_per_micro_batch`), each trimmed to its own longest row, with the gradients
+    accumulated and normalised over the whole mini-batch; validation scoring is cut the same way.
+    Log-probs go through `token_logprobs` with the LM head in `logprob_chunk_size` positions.
+    """
 
     def __init__(
         self,
@@ -45,8 +58,14 @@ class CausalLMModule(LightningModule):
         grad_clip: float | None = 1.0,
         validation: dict[str, Any] | ValidationSettings | None = None,
         engine: GenerationEngine | None = None,
+        micro_batch_size: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
+        logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
+        check_logprob_args(1.0, logprob_chunk_size)
+        micro_batching = MicroBatching(micro_batch_size, max_tokens_per_micro_batch)
         super().__init__()
+        self.micro_batching = micro_batching
         self.automatic_optimization = False
         # Only plain values go into checkpoints, so they load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model", "tokenizer", "engine", "optimizer"])
@@ -99,32 +118,118 @@ class CausalLMModule(LightningModule):
         }
 
     def update(self, loss: Tensor) -> None:
-        """One optimiser step on `loss`; a non-finite loss stops the run before any update."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Non-finite loss ({loss.item()}) at optimiser step {self.global_step}: stopping. "
-                f"The weights were not updated; the last checkpoint written stays valid."
-            )
+        """One optimiser step on one loss (a batch that is not micro-batched)."""
+        self.step(iter([loss]))
+
+    def step(self, losses: Iterator[Tensor]) -> None:
+        """One optimiser step on the sum of `losses`, each backpropagated as soon as it is made;
+        a non-finite loss stops the run before any update."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        for loss in losses:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"Non-finite loss ({loss.item()}) at optimiser step {self.global_step}: "
+                    f"stopping. The weights were not updated; the last checkpoint written stays "
+                    f"valid."
+                )
+            self.manual_backward(loss)
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         self.lr_schedulers().step()
 
-    def response_nll(
+    def train_on(
         self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        loss_mask: Tensor,
+        batch: TokenBatch,
+        micro_loss: MicroLoss,
+        aggregation: str = "token-mean",
+        max_length: int | None = None,
+    ) -> dict[str, Tensor]:
+        """One optimiser step on a mini-batch, micro-batched; returns its loss and metrics.
+
+        `batch.per_row["weights"]` gets the aggregation's token weights over the whole
+        mini-batch (so micro-batch losses add up to its loss), `"token_mean"` plain token-mean
+        weights for logged per-token means (entropy).
+        """
+        batch.per_row["weights"] = token_weights(batch.score_mask, aggregation, max_length)
+        batch.per_row["token_mean"] = token_weights(batch.score_mask, "token-mean")
+        totals: dict[str, Tensor] = {}
+
+        def losses() -> Iterator[Tensor]:
+            for _, part in self.micro_batching.split(batch):
+                loss, metrics = micro_loss(part)
+                for name, value in {"loss": loss, **metrics}.items():
+                    totals[name] = totals.get(name, 0) + value.detach()
+                yield loss
+
+        self.step(losses())
+        return totals
+
+    def logprobs(
+        self,
+        batch: TokenBatch,
         temperature: float = 1.0,
-        aggregation: str = "token_mean",
+        model: nn.Module | None = None,
+        with_entropy: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Dense log p(chosen) and entropy at the scored positions of one micro-batch."""
+        return token_logprobs(
+            self.model if model is None else model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            score_mask=batch.score_mask,
+            temperature=temperature,
+            chunk_size=self.hparams.logprob_chunk_size,
+            with_entropy=with_entropy,
+        )
+
+    @torch.no_grad()
+    def score_tokens(
+        self,
+        batch: TokenBatch,
+        temperature: float = 1.0,
+        model: nn.Module | None = None,
+        with_entropy: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`logprobs` of a whole batch without grad, micro-batch by micro-batch."""
+        pieces = self.micro_batching.split(batch)
+        scored = [self.logprobs(part, temperature, model, with_entropy) for _, part in pieces]
+        logp = scatter_back(batch, pieces, [s[0] for s in scored])
+        entropy = scatter_back(batch, pieces, [s[1] for s in scored]) if with_entropy else None
+        return logp, entropy
+
+    def response_nll(
+        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Masked NLL of the tokens selected by `loss_mask` (over next-token positions), and the
-        mean entropy of the model at those positions."""
-        logp, entropy = next_token_logprobs(self.model, input_ids, attention_mask, temperature)
-        return masked_mean(-logp, loss_mask, aggregation), masked_mean(entropy, loss_mask)
+        """Token-mean NLL of the tokens selected by `loss_mask` (over next-token positions), and
+        the mean entropy at those positions, in one forward (no micro-batches)."""
+        logp, entropy = self.logprobs(TokenBatch(input_ids, attention_mask, loss_mask))
+        return masked_mean(-logp, loss_mask), masked_mean(entropy, loss_mask)
+
+    def nll_loss(self, part: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """MicroLoss of SFT: weighted NLL of the scored tokens; entropy for logging."""
+        logp, entropy = self.logprobs(part)
+        weights = part.per_row["weights"]
+        return (-logp * weights).sum(), {"entropy": (entropy * part.per_row["token_mean"]).sum()}
+
+    def minibatch_rows(self) -> int | None:
+        """Rows of one training mini-batch on this rank (None when the data does not say)."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "per_rank"):
+            return None
+        return datamodule.per_rank(datamodule.batch_size)
+
+    def longest_row(self) -> int | None:
+        """Tokens of the longest training or validation row (prompt + response)."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "max_prompt_length"):
+            return None
+        longest_response = max(
+            datamodule.max_response_length, self.validation_settings.max_new_tokens
+        )
+        return datamodule.max_prompt_length + longest_response
 
     # ---- checkpoints -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -170,6 +275,9 @@ class CausalLMModule(LightningModule):
 
     # ---- validation ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.micro_batching.check_fits(
+            self.minibatch_rows() if stage == "fit" else None, self.longest_row()
+        )
         settings = self.validation_settings
         ks = [k for k in settings.ks if k <= settings.n_samples]
         for name in self.trainer.datamodule.val_names:
@@ -190,8 +298,9 @@ class CausalLMModule(LightningModule):
         samples = self.generate(batch, s.n_samples, s.tau_eval, s.top_p, s.max_new_tokens)
         metrics["pass"].update(self.score(samples, batch["answer"]))
         metrics["response_length"].update(samples.lengths.float())
-        _, entropy = self.response_nll(samples.sequences, samples.attention_mask, samples.loss_mask)
-        metrics["entropy"].update(entropy)
+        scored = TokenBatch(samples.sequences, samples.attention_mask, samples.loss_mask)
+        _, entropy = self.score_tokens(scored)
+        metrics["entropy"].update(masked_mean(entropy, samples.loss_mask))
         if s.greedy:
             greedy = self.generate(batch, 1, 0.0, 1.0, s.max_new_tokens)
             metrics["greedy_acc"].update(self.score(greedy, batch["answer"]).float().squeeze(1))

@@ -5,14 +5,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from osftkit.methods.losses import masked_mean, next_token_logprobs
-from osftkit.methods.rollout_module import RolloutModule
+from osftkit.methods.micro_batches import TokenBatch
+from osftkit.methods.rollout_module import RolloutModule, token_batch
 from osftkit.rollout import Rollouts
 
 
 def group_advantages(rewards: Tensor, normalize_std: bool = True, eps: float = 1e-6) -> Tensor:
     """(prompts, G) rewards -> advantages r - mean(group) [/ std(group)]; equal groups give 0.
-    `normalize_std=False` is Dr. GRPO."""
+    Dr. GRPO is `normalize_std=False` together with loss_aggregation seq-mean-token-sum-norm
+    (a constant normaliser instead of each response's length)."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if not normalize_std:
         return centred
@@ -38,20 +39,16 @@ class GRPOModule(RolloutModule):
         extras = {"advantages": group_advantages(rewards, self.hparams.normalize_std).flatten()}
         if self.hparams.num_minibatches > 1:
             # Later mini-batches train a policy that has moved: they need the rollout log-probs.
-            with torch.no_grad():
-                extras["old_logp"], _ = next_token_logprobs(
-                    self.model,
-                    rollouts.sequences,
-                    rollouts.attention_mask,
-                    self.training_temperature,
-                )
+            extras["old_logp"], _ = self.score_tokens(
+                token_batch(rollouts, {}), self.training_temperature, with_entropy=False
+            )
         return extras
 
-    def policy_loss(self, rollouts: Rollouts, logp: Tensor, extras: dict[str, Tensor]) -> Tensor:
+    def policy_loss(self, part: TokenBatch, logp: Tensor) -> Tensor:
         # With one update per batch the policy is still the rollout policy: ratio 1, and the
         # gradient is the plain policy gradient, without a second forward pass.
-        ratio = torch.exp(logp - extras.get("old_logp", logp.detach()))
-        advantage = extras["advantages"][:, None]
+        ratio = torch.exp(logp - part.per_row.get("old_logp", logp.detach()))
+        advantage = part.per_row["advantages"][:, None]
         eps = self.hparams.clip_eps
         surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
-        return masked_mean(-surrogate, rollouts.loss_mask, self.hparams.loss_aggregation)
+        return (-surrogate * part.per_row["weights"]).sum()

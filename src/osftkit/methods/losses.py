@@ -1,43 +1,49 @@
-"""Token log-probabilities and masked aggregation shared by the LM methods."""
+"""Loss aggregation modes (verl's names) as per-token weights over a whole mini-batch.
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+A loss is `sum(values * weights)`. The weights are computed once on the mini-batch and split with
+its rows, so the micro-batches' losses add up to the mini-batch loss and their gradients to its
+gradient, for every mode:
 
-AGGREGATIONS = ("token_mean", "sequence_mean")
+- `token-mean`: every scored token of the mini-batch weighs 1 / (its scored tokens).
+- `seq-mean-token-sum`: token sums per sequence, averaged over the sequences.
+- `seq-mean-token-mean`: token means per sequence, averaged over the sequences.
+- `seq-mean-token-sum-norm`: token sums divided by a constant (the maximum response length),
+  averaged over the sequences; with advantages not divided by the group std this is Dr. GRPO.
+"""
 
+from torch import Tensor
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that skip padding, so left- and right-padded rows see the same positions."""
-    return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def next_token_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """log p(x_{t+1} | x_<=t) with logits divided by `temperature`, and the entropy at each t.
-
-    Both have shape (N, T - 1): position t scores token t + 1.
-    """
-    if temperature <= 0:
-        raise ValueError(f"training temperature must be > 0, got {temperature}")
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).logits[:, :-1]
-    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
-    chosen = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return chosen, entropy.detach()
+AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
 
 
-def masked_mean(values: Tensor, mask: Tensor, aggregation: str = "token_mean") -> Tensor:
-    """Mean over masked tokens: of all tokens together, or per sequence then over sequences."""
-    mask = mask.to(values.dtype)
-    if aggregation == "token_mean":
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    if aggregation == "sequence_mean":
-        per_sequence = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return per_sequence.mean()
-    raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got '{aggregation}'")
+def check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got '{aggregation}'")
+
+
+def token_weights(mask: Tensor, aggregation: str, max_length: int | None = None) -> Tensor:
+    """(N, T) weights of the masked tokens such that `sum(values * weights)` is the loss."""
+    check_aggregation(aggregation)
+    mask = mask.float()
+    rows = max(mask.shape[0], 1)
+    if aggregation == "token-mean":
+        return mask / mask.sum().clamp(min=1)
+    if aggregation == "seq-mean-token-sum":
+        return mask / rows
+    if aggregation == "seq-mean-token-mean":
+        return mask / (mask.sum(dim=1, keepdim=True).clamp(min=1) * rows)
+    if max_length is None or max_length < 1:
+        raise ValueError("seq-mean-token-sum-norm needs the maximum response length (>= 1)")
+    return mask / (max_length * rows)
+
+
+def masked_mean(
+    values: Tensor, mask: Tensor, aggregation: str = "token-mean", max_length: int | None = None
+) -> Tensor:
+    """`values` aggregated over the masked tokens of one whole batch."""
+    return (values * token_weights(mask, aggregation, max_length)).sum()

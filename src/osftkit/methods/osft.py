@@ -4,7 +4,7 @@ from typing import Any
 
 from torch import Tensor
 
-from osftkit.methods.losses import masked_mean
+from osftkit.methods.micro_batches import TokenBatch
 from osftkit.methods.rollout_module import RolloutModule, annealed
 from osftkit.rollout import Rollouts
 
@@ -46,5 +46,5 @@ class OSFTModule(RolloutModule):
             self.log("train/reward", self.score(rollouts, batch["answer"]).float().mean())
         return {}
 
-    def policy_loss(self, rollouts: Rollouts, logp: Tensor, extras: dict[str, Tensor]) -> Tensor:
-        return masked_mean(-logp, rollouts.loss_mask, self.hparams.loss_aggregation)
+    def policy_loss(self, part: TokenBatch, logp: Tensor) -> Tensor:
+        return (-logp * part.per_row["weights"]).sum()

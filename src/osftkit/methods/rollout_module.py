@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from osftkit.methods.base import CausalLMModule
-from osftkit.methods.losses import AGGREGATIONS, masked_mean, next_token_logprobs
+from osftkit.methods.losses import check_aggregation
+from osftkit.methods.micro_batches import TokenBatch
 from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class RolloutModule(CausalLMModule):
         tau_sample: float,
         max_new_tokens: int,
         top_p: float = 1.0,
-        loss_aggregation: str = "token_mean",
+        loss_aggregation: str = "token-mean",
         num_minibatches: int = 1,
         kl_coef: float = 0.0,
         **base: Any,
@@ -38,10 +39,7 @@ class RolloutModule(CausalLMModule):
             raise ValueError(f"tau_sample must be > 0, got {tau_sample}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if loss_aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"loss_aggregation must be one of {AGGREGATIONS}, got '{loss_aggregation}'"
-            )
+        check_aggregation(loss_aggregation)
         super().__init__(**base)
         self.epoch_progress = 0.0  # epochs done, fractional; drives tau_sample annealing
         # A frozen copy of the starting weights (one extra model, only when the KL is on). Kept
@@ -82,20 +80,35 @@ class RolloutModule(CausalLMModule):
         """Per-row tensors the loss needs besides the rollouts (rewards, advantages, ...)."""
         return {}
 
-    def policy_loss(self, rollouts: Rollouts, logp: Tensor, extras: dict[str, Tensor]) -> Tensor:
+    def policy_loss(self, part: TokenBatch, logp: Tensor) -> Tensor:
+        """This micro-batch's share of the mini-batch loss (weighted by `per_row["weights"]`)."""
         raise NotImplementedError
+
+    def minibatch_rows(self) -> int | None:
+        rows = super().minibatch_rows()
+        if rows is None:
+            return None
+        return rows * self.hparams.group_size // self.hparams.num_minibatches
+
+    def longest_row(self) -> int | None:
+        longest = super().longest_row()
+        if longest is None:
+            return None
+        datamodule = self.trainer.datamodule
+        return max(longest, datamodule.max_prompt_length + self.hparams.max_new_tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         batches_per_epoch = max(self.trainer.num_training_batches, 1)
         self.epoch_progress = self.trainer.current_epoch + batch_idx / batches_per_epoch
         rollouts = self.rollout(batch)
-        extras = self.prepare(rollouts, batch)
-        chunks = rollouts.split(self.hparams.num_minibatches)
-        start = 0
-        for chunk in chunks:
-            rows = slice(start, start + chunk.prompt_ids.shape[0])
-            start = rows.stop
-            self.update(self.minibatch_loss(chunk, {k: v[rows] for k, v in extras.items()}))
+        tokens = token_batch(rollouts, self.prepare(rollouts, batch))
+        h = self.hparams
+        for rows in minibatch_indices(rollouts, h.num_minibatches):
+            totals = self.train_on(
+                tokens.rows(rows), self.minibatch_loss, h.loss_aggregation, h.max_new_tokens
+            )
+            self.log("train/loss", totals.pop("loss"), prog_bar=True)
+            self.log_dict({f"train/{name}": value for name, value in totals.items()})
         self.log_dict(
             {
                 "train/response_length": rollouts.lengths.float().mean(),
@@ -105,35 +118,40 @@ class RolloutModule(CausalLMModule):
             }
         )
 
-    def minibatch_loss(self, chunk: Rollouts, extras: dict[str, Tensor]) -> Tensor:
-        logp, entropy = next_token_logprobs(
-            self.model, chunk.sequences, chunk.attention_mask, self.training_temperature
-        )
-        mask = chunk.loss_mask
-        loss = self.policy_loss(chunk, logp, extras)
-        self.log("train/entropy", masked_mean(entropy, mask))
+    def minibatch_loss(self, part: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """MicroLoss: the policy loss (+ KL) of one micro-batch; entropy and KL for logging."""
+        logp, entropy = self.logprobs(part, self.training_temperature)
+        loss = self.policy_loss(part, logp)
+        metrics = {"entropy": (entropy * part.per_row["token_mean"]).sum()}
         if self.reference is not None:
-            kl = self.kl_to_reference(chunk, logp)
-            self.log("train/kl", kl)
-            loss = loss + self.hparams.kl_coef * kl
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+            metrics["kl"] = self.kl_to_reference(part, logp)
+            loss = loss + self.hparams.kl_coef * metrics["kl"]
+        return loss, metrics
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         # So that validation curves can be drawn against generation cost, not only steps.
         self.log("val/tokens_generated", self.tokens_generated.float(), sync_dist=False)
 
-    def kl_to_reference(self, chunk: Rollouts, logp: Tensor) -> Tensor:
+    def kl_to_reference(self, part: TokenBatch, logp: Tensor) -> Tensor:
         """k3 estimator of KL(policy || reference) on the sampled response tokens."""
         with torch.no_grad():
-            ref_logp, _ = next_token_logprobs(
-                self.reference, chunk.sequences, chunk.attention_mask, self.training_temperature
+            ref_logp, _ = self.logprobs(
+                part, self.training_temperature, self.reference, with_entropy=False
             )
         log_ratio = ref_logp - logp
-        return masked_mean(
-            torch.exp(log_ratio) - log_ratio - 1, chunk.loss_mask, self.hparams.loss_aggregation
-        )
+        return ((torch.exp(log_ratio) - log_ratio - 1) * part.per_row["weights"]).sum()
+
+
+def token_batch(rollouts: Rollouts, per_row: dict[str, Tensor]) -> TokenBatch:
+    """The rollouts as rows to score: prompt + response, scored on the response tokens."""
+    return TokenBatch(rollouts.sequences, rollouts.attention_mask, rollouts.loss_mask, per_row)
+
+
+def minibatch_indices(rollouts: Rollouts, num_minibatches: int) -> list[Tensor]:
+    """Row indices of each mini-batch: whole groups, in order (as `Rollouts.split` cuts them)."""
+    sizes = [chunk.prompt_ids.shape[0] for chunk in rollouts.split(num_minibatches)]
+    return list(torch.arange(sum(sizes), device=rollouts.prompt_ids.device).split(sizes))
 
 
 def is_reference_key(key: str) -> bool:

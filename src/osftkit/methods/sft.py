@@ -1,6 +1,7 @@
 """SFTModule: masked token NLL on the reference responses."""
 
 from osftkit.methods.base import CausalLMModule
+from osftkit.methods.micro_batches import TokenBatch
 
 
 class SFTModule(CausalLMModule):
@@ -8,6 +9,8 @@ class SFTModule(CausalLMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         loss_mask = batch["labels"][:, 1:] != -100
-        loss, entropy = self.response_nll(batch["input_ids"], batch["attention_mask"], loss_mask)
-        self.update(loss)
-        self.log_dict({"train/loss": loss, "train/entropy": entropy}, prog_bar=True)
+        tokens = TokenBatch(batch["input_ids"], batch["attention_mask"], loss_mask)
+        totals = self.train_on(tokens, self.nll_loss)
+        self.log_dict(
+            {"train/loss": totals["loss"], "train/entropy": totals["entropy"]}, prog_bar=True
+        )

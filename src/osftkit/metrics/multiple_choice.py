@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from osftkit.data.math_sets import DataLoadError, read_table
-from osftkit.methods.losses import position_ids_from_mask
+from osftkit.models.logprobs import next_token_logprobs
 
 COLUMNS = {"arc": ("question", "choices", "answerKey"), "mmlu": ("question", "choices", "answer")}
 
@@ -138,8 +138,8 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> tuple[list[int], dict[s
 
 
 @torch.no_grad()
-def last_token_logits(model: nn.Module, sequences: list[list[int]], pad_id: int) -> Tensor:
-    """Next-token logits after each sequence, batched with left padding."""
+def last_token_logprobs(model: nn.Module, sequences: list[list[int]], pad_id: int) -> Tensor:
+    """Next-token log-probs after each sequence, batched with left padding."""
     device = next(model.parameters()).device
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -148,8 +148,7 @@ def last_token_logits(model: nn.Module, sequences: list[list[int]], pad_id: int)
         input_ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
         mask[i, width - len(seq) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-    return out.logits[:, -1, :].float()
+    return next_token_logprobs(model, input_ids, mask)
 
 
 def multiple_choice_predictions(
@@ -167,7 +166,7 @@ def multiple_choice_predictions(
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             sequences = [tokenizer(format_question(row))["input_ids"] + prefix for row in batch]
-            logits = last_token_logits(model, sequences, pad_id)
+            logits = last_token_logprobs(model, sequences, pad_id)
             for row, row_logits in zip(batch, logits, strict=True):
                 candidates = torch.tensor([ids[label] for label in row["labels"]])
                 best = row_logits[candidates.to(row_logits.device)].argmax().item()

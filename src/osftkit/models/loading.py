@@ -101,8 +101,13 @@ def load_causal_lm(
     cache_dir: str | None = None,
     tiny: dict | None = None,
     build_with: list[str] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
-    """Load model and tokenizer with `from_pretrained`; optionally wrap the model with LoRA."""
+    """Load model and tokenizer with `from_pretrained`; optionally wrap the model with LoRA.
+
+    `gradient_checkpointing` recomputes each decoder layer in backward instead of keeping its
+    activations (transformers' own, non-reentrant, so it works with LoRA and every strategy).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
     location = resolve_path(path, cache_dir, tiny, build_with)
@@ -114,6 +119,10 @@ def load_causal_lm(
     except OSError as error:
         raise ModelNotFoundError(_offline_message(location, error)) from error
     _ensure_pad_token(tokenizer, model)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     if lora is not None:
         model = _wrap_lora(model, lora)
     return LoadedModel(model=model, tokenizer=tokenizer)

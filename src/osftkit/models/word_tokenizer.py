@@ -41,11 +41,14 @@ def save_tiny_word(spec: TinyQwen2Spec, words: Sequence[str], directory: Path) -
 
 
 def load_tiny_word_lm(
-    cache_dir: str, words: Sequence[str], tiny: dict | None = None
+    cache_dir: str,
+    words: Sequence[str],
+    tiny: dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Build (once, cached by spec and vocabulary) and load the tiny word-level model."""
     spec = TinyQwen2Spec(**(tiny or {}))
     key = json.dumps([asdict(spec), list(words)]).encode()
     directory = Path(cache_dir) / f"tiny-qwen2-words-{hashlib.sha1(key).hexdigest()[:10]}"
     build_once(directory, lambda d: save_tiny_word(spec, words, d), "the tiny word-level model")
-    return load_causal_lm(str(directory))
+    return load_causal_lm(str(directory), gradient_checkpointing=gradient_checkpointing)
