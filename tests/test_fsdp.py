@@ -22,7 +22,7 @@ from osftkit.hardware import (
     swap_in,
 )
 from osftkit.methods import SFTModule
-from osftkit.methods.losses import masked_mean
+from osftkit.methods.losses import mean_tokens_over_ranks, token_weights
 from osftkit.models.loading import resolve_path
 from osftkit.models.logprobs import token_logprobs
 from osftkit.rollout import HFGenerateEngine
@@ -150,9 +150,11 @@ def train_steps(model: torch.nn.Module, batch: dict, steps: int) -> None:
             attention_mask=batch["attention_mask"],
             score_mask=batch["loss_mask"],
         )
-        # seq-mean-token-mean: the mean over rows of the global batch equals the mean of the
-        # ranks' means (equal rows per rank), so averaged gradients are the one-process ones.
-        loss = masked_mean(-logp, batch["loss_mask"], "seq-mean-token-mean")
+        # The kit's token-mean over the ranks' mean token count: the ranks hold different token
+        # counts (10 and 11), and averaged gradients still equal the one-process token mean.
+        mask = batch["loss_mask"]
+        weights = token_weights(mask, "token-mean", mean_tokens=mean_tokens_over_ranks(mask))
+        loss = (-logp * weights).sum()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)

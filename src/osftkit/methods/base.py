@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from osftkit.checkpointing import restore_rng_states, rng_states
 from osftkit.hardware import FSDP2Strategy, check_master_weights, gathered_weights
-from osftkit.methods.losses import masked_mean, token_weights
+from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_weights
 from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
 from osftkit.metrics import PassAtK
 from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
@@ -153,7 +153,12 @@ class CausalLMModule(LightningModule):
         mini-batch (so micro-batch losses add up to its loss), `"token_mean"` plain token-mean
         weights for logged per-token means (entropy).
         """
-        batch.per_row["weights"] = token_weights(batch.score_mask, aggregation, max_length)
+        mean_tokens = (
+            mean_tokens_over_ranks(batch.score_mask) if aggregation == "token-mean" else None
+        )
+        batch.per_row["weights"] = token_weights(
+            batch.score_mask, aggregation, max_length, mean_tokens
+        )
         batch.per_row["token_mean"] = token_weights(batch.score_mask, "token-mean")
         totals: dict[str, Tensor] = {}
 

@@ -11,6 +11,7 @@ gradient, for every mode:
   averaged over the sequences; with advantages not divided by the group std this is Dr. GRPO.
 """
 
+import torch.distributed as dist
 from torch import Tensor
 
 AGGREGATIONS = (
@@ -26,13 +27,22 @@ def check_aggregation(aggregation: str) -> None:
         raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got '{aggregation}'")
 
 
-def token_weights(mask: Tensor, aggregation: str, max_length: int | None = None) -> Tensor:
-    """(N, T) weights of the masked tokens such that `sum(values * weights)` is the loss."""
+def token_weights(
+    mask: Tensor,
+    aggregation: str,
+    max_length: int | None = None,
+    mean_tokens: Tensor | None = None,
+) -> Tensor:
+    """(N, T) weights of the masked tokens such that `sum(values * weights)` is the loss.
+
+    `mean_tokens` (token-mean only) replaces this batch's token count by the mean count of the
+    data-parallel ranks: gradients averaged over ranks are then the global batch's token mean,
+    whatever the ranks' counts (`mean_tokens_over_ranks`)."""
     check_aggregation(aggregation)
     mask = mask.float()
     rows = max(mask.shape[0], 1)
     if aggregation == "token-mean":
-        return mask / mask.sum().clamp(min=1)
+        return mask / (mask.sum() if mean_tokens is None else mean_tokens).clamp(min=1)
     if aggregation == "seq-mean-token-sum":
         return mask / rows
     if aggregation == "seq-mean-token-mean":
@@ -47,3 +57,13 @@ def masked_mean(
 ) -> Tensor:
     """`values` aggregated over the masked tokens of one whole batch."""
     return (values * token_weights(mask, aggregation, max_length)).sum()
+
+
+def mean_tokens_over_ranks(mask: Tensor) -> Tensor | None:
+    """Scored tokens per data-parallel rank, averaged over the ranks (a collective: every rank
+    calls it); None outside a multi-process group, where the batch's own count is right."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    count = mask.sum().float()
+    dist.all_reduce(count)
+    return count / dist.get_world_size()
