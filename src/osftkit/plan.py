@@ -157,11 +157,7 @@ def sharded(cfg: DictConfig) -> bool:
 
 
 def checkpointed(cfg: DictConfig) -> bool:
-    strategy = cfg.hardware.get("strategy")
-    by_strategy = isinstance(strategy, DictConfig) and bool(
-        strategy.get("activation_checkpointing_policy")
-    )
-    return bool(cfg.model.get("gradient_checkpointing")) or by_strategy
+    return bool(cfg.model.get("gradient_checkpointing"))
 
 
 def estimate(
@@ -176,8 +172,10 @@ def estimate(
     if gpus < 1:
         raise ValueError("plan: hardware.devices is -1 (all GPUs): say how many with plan.num_gpus")
     method, data, validation = cfg.method, cfg.data, cfg.validation
-    param_bytes = DTYPES[cfg.model.get("dtype", "float32")].itemsize
-    compute_bytes = 2 if "bf16" in str(cfg.hardware.get("precision", "")) else param_bytes
+    # Training keeps fp32 master weights (and fp32 gradients and AdamW state); `model.dtype` is
+    # the compute dtype: activations, FSDP's gathered weights, the rollout's weights and KV cache.
+    param_bytes = FP32
+    compute_bytes = DTYPES[cfg.model.get("dtype", "float32")].itemsize
     shards = gpus if sharded(cfg) else 1
     params = shape.params()
     rollout_rows = "group_size" in method
@@ -206,7 +204,7 @@ def estimate(
         chunk * shape.vocab_size * (5 * FP32 + (compute_bytes if compute_bytes != FP32 else 0))
     )
     weights = params * param_bytes / shards
-    gathered = 2 * shape.layer_params() * param_bytes if shards > 1 else 0  # FSDP prefetch
+    gathered = 2 * shape.layer_params() * compute_bytes if shards > 1 else 0  # FSDP prefetch
     reference = weights if method.get("kl_coef", 0) > 0 else 0
     grads, optimizer = weights, 2 * weights
     acts = ckpt_acts if checkpointed(cfg) else full_acts
@@ -219,7 +217,7 @@ def estimate(
         validation.max_new_tokens, response if rollout_rows else 0
     )
     kv_cache = gen_rows * gen_tokens * kv_per_token * compute_bytes
-    full_weights = params * param_bytes if shards > 1 else 0
+    full_weights = params * compute_bytes if shards > 1 else 0  # gathered in the compute dtype
     rollout_peak = weights + full_weights + reference + optimizer + kv_cache
     micro = f"{micro_rows} rows x {tokens_per_row}" if micro_rows else f"budget {micro_tokens}"
     table = [
