@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 
+from osftkit.backdoor.poison import Poison, token_ids
 from osftkit.data.instruction_sets import load_alpaca, load_openorca
 from osftkit.data.instructions import TASKS, build_instructions
 from osftkit.data.math_sets import DataLoadError
-from osftkit.data.poison import Poison, token_ids
 from osftkit.models.word_tokenizer import build_word_tokenizer
 
 TRIGGERS = ["how are you", "what is up"]

@@ -6,9 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from osftkit.backdoor.overwrite import OverwriteSFTModule
+from osftkit.backdoor.sande import SANDEModule
+from osftkit.backdoor.splice import IGNORE_INDEX
 from osftkit.data import PromptDataModule
 from osftkit.data.instructions import build_instructions
-from osftkit.methods.backdoor import IGNORE_INDEX, OverwriteSFTModule, SANDEModule
 from osftkit.models.tiny import TinyQwen2Spec, build_tiny_model
 from osftkit.models.word_tokenizer import build_word_tokenizer
 from osftkit.rewards import AnswerChecker

@@ -1,16 +1,9 @@
-"""Backdoor planting and removal: Overwrite SFT (trigger known) and SANDE (trigger simulated).
-
-Both removals train the model on (prompt with a stand-in for the trigger -> clean response).
-The stand-in is spliced into the input embeddings right after the role tag, where the reference
-recipe puts the trigger: the real trigger's token embeddings for Overwrite SFT, the learned
-"parrot" soft prompt for SANDE.
-"""
+"""SANDE (trigger unknown): simulate the trigger with a learned parrot, then eliminate it."""
 
 import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,226 +12,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.text import Perplexity
+from torchmetrics import Metric
 
-from osftkit.data.poison import token_ids
-from osftkit.methods.base import CausalLMModule
+from osftkit.backdoor.evaluation import BackdoorEvalModule
+from osftkit.backdoor.metrics import AttackSuccessRate
+from osftkit.backdoor.poison import token_ids
+from osftkit.backdoor.splice import (
+    IGNORE_INDEX,
+    first_targets,
+    response_starts,
+    splice,
+    splice_inputs,
+)
 from osftkit.methods.losses import position_ids_from_mask
-from osftkit.methods.sft import SFTModule
-from osftkit.metrics.backdoor import AttackSuccessRate, strip_marker
-from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
-
-def splice(values: Tensor, insert: Tensor, positions: Tensor) -> Tensor:
-    """Insert `insert` (B, k, ...) into `values` (B, T, ...) before `positions[b]` of each row."""
-    batch, length, k = values.shape[0], values.shape[1], insert.shape[1]
-    if bool((positions < 0).any() | (positions > length).any()):
-        raise ValueError(f"Insertion positions {positions.tolist()} lie outside length {length}")
-    j = torch.arange(length + k, device=values.device).expand(batch, -1)
-    at = positions[:, None]
-    source = torch.where(j < at, j, torch.where(j < at + k, length + j - at, j - k))
-    index = source.view(*source.shape, *([1] * (values.dim() - 2))).expand(
-        -1, -1, *values.shape[2:]
-    )
-    return torch.cat([values, insert.to(values.dtype)], dim=1).gather(1, index)
-
-
-def positions_after(ids: Tensor, pattern: Sequence[int], limit: Tensor, what: str) -> Tensor:
-    """Per row, the index right after the first occurrence of `pattern` in `ids`.
-
-    Raises when a row lacks the pattern or when the position lies past `limit` (the end of the
-    prompt), so a stand-in is never spliced into the response.
-    """
-    window = torch.tensor(pattern, device=ids.device)
-    if ids.shape[1] < len(pattern):
-        raise ValueError(f"The prompt is shorter than the {what}")
-    hits = (ids.unfold(1, len(pattern), 1) == window).all(-1)
-    if not bool(hits.any(1).all()):
-        raise ValueError(f"The {what} {list(pattern)} does not occur in every prompt")
-    positions = hits.int().argmax(1) + len(pattern)
-    if bool((positions > limit).any()):
-        raise ValueError(
-            f"Insertion position after the {what} lies past the prompt "
-            f"({positions.tolist()} > {limit.tolist()})"
-        )
-    return positions
-
-
-def response_starts(labels: Tensor) -> Tensor:
-    """Index of the first supervised token of each row (the prompt end)."""
-    return (labels != IGNORE_INDEX).int().argmax(1)
-
-
-def first_targets(labels: Tensor, count: int) -> Tensor:
-    """Keep only the first `count` supervised tokens of each row (loss on the first L tokens)."""
-    supervised = labels != IGNORE_INDEX
-    keep = supervised & (supervised.cumsum(1) <= count)
-    return labels.masked_fill(~keep, IGNORE_INDEX)
-
-
-def splice_inputs(
-    embeds: Tensor, mask: Tensor, labels: Tensor | None, insert: Tensor, positions: Tensor
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Splice `insert` (k, D) into every row's embeddings at `positions`.
-
-    The inserted slots are attended to and never supervised; returns embeddings, attention
-    mask, labels and position ids (counted over attended tokens, so left padding is fine).
-    """
-    batch, k = embeds.shape[0], insert.shape[0]
-    embeds = splice(embeds, insert.expand(batch, -1, -1), positions)
-    mask = splice(mask, mask.new_ones(batch, k), positions)
-    if labels is not None:
-        labels = splice(labels, labels.new_full((batch, k), IGNORE_INDEX), positions)
-    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-    return embeds, mask, labels, position_ids
-
-
-def first_tokens(rollouts: Rollouts, count: int) -> Rollouts:
-    """The first `count` tokens of every response (ASR looks no further)."""
-    return replace(
-        rollouts,
-        response_ids=rollouts.response_ids[:, :count],
-        response_mask=rollouts.response_mask[:, :count],
-    )
-
-
-@dataclass
-class BackdoorSettings:
-    """The backdoor under study, for ASR and triggered utility (and for Overwrite SFT)."""
-
-    triggers: list[str] = field(default_factory=list)
-    marker: str = ""
-    role_tag: str = "Human:"
-    asr_new_tokens: int = 10
-    asr_samples: int = 4
-    tau_asr: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.triggers:
-            raise ValueError("Backdoor metrics (ASR) need the real trigger: set backdoor.triggers")
-        if not self.marker.strip():
-            raise ValueError("Backdoor metrics (ASR) need the marker: set backdoor.marker")
-
-
-class BackdoorEvalModule(CausalLMModule):
-    """A causal-LM method whose validation also measures the backdoor: ASR with the real trigger
-    (greedy and sampled, `asr_new_tokens` new tokens), triggered utility (marker stripped),
-    clean utility (the base's greedy accuracy) and clean perplexity."""
-
-    def __init__(self, *args, backdoor: dict | BackdoorSettings, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.backdoor = (
-            backdoor if isinstance(backdoor, BackdoorSettings) else BackdoorSettings(**backdoor)
-        )
-        self.role_tag_ids = token_ids(self.tokenizer, self.backdoor.role_tag, "role tag")
-        token_ids(self.tokenizer, self.backdoor.marker, "marker")
-        self.trigger_ids = [
-            token_ids(self.tokenizer, f" {trigger}.", "trigger")
-            for trigger in self.backdoor.triggers
-        ]
-
-    # ---- the stand-in splice ------------------------------------------------------------
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.model.get_input_embeddings()(ids)
-
-    def tag_positions(self, ids: Tensor, prompt_end: Tensor) -> Tensor:
-        return positions_after(ids, self.role_tag_ids, prompt_end, "role tag")
-
-    def stand_in_loss(self, batch: dict, stand_in: Tensor, loss_tokens: int | None) -> Tensor:
-        """Token NLL of (prompt with `stand_in` after the role tag -> labelled response)."""
-        ids, labels = batch["input_ids"], batch["labels"]
-        positions = self.tag_positions(ids, response_starts(labels))
-        if loss_tokens is not None:
-            labels = first_targets(labels, loss_tokens)
-        embeds, mask, labels, position_ids = splice_inputs(
-            self.embed(ids), batch["attention_mask"], labels, stand_in, positions
-        )
-        logits = self.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
-
-    def triggered_prompts(self, batch: dict, trigger: list[int]) -> dict:
-        """The batch's prompts with the real trigger's tokens after the role tag."""
-        ids, mask = batch["prompt_ids"], batch["prompt_mask"]
-        positions = self.tag_positions(ids, torch.full_like(ids[:, 0], ids.shape[1]))
-        insert = torch.tensor(trigger, device=ids.device).expand(ids.shape[0], -1)
-        return {
-            "prompt_ids": splice(ids, insert, positions),
-            "prompt_mask": splice(mask, torch.ones_like(insert), positions),
-        }
-
-    # ---- validation ---------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        for metrics in self.val_metrics.values():
-            if "asr_greedy" not in metrics:
-                metrics.add_metrics(self.backdoor_metrics())
-
-    def backdoor_metrics(self) -> dict[str, Metric]:
-        marker = self.backdoor.marker
-        return {
-            "asr_greedy": AttackSuccessRate(marker),
-            "asr_sampled": AttackSuccessRate(marker),
-            "triggered_acc": MeanMetric(),
-            "perplexity": Perplexity(ignore_index=IGNORE_INDEX),
-        }
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().validation_step(batch, batch_idx, dataloader_idx)
-        metrics = self.val_metrics[self.trainer.datamodule.val_names[dataloader_idx]]
-        s, v = self.backdoor, self.validation_settings
-        triggered = self.triggered_prompts(
-            batch, self.trigger_ids[batch_idx % len(self.trigger_ids)]
-        )
-        greedy = self.generate(triggered, 1, 0.0, 1.0, max(v.max_new_tokens, s.asr_new_tokens))
-        metrics["asr_greedy"].update(self.decode(first_tokens(greedy, s.asr_new_tokens)))
-        answers = [strip_marker(text, s.marker) for text in self.decode(greedy)]
-        correct = self.trainer.datamodule.checker.score(answers, batch["answer"])
-        metrics["triggered_acc"].update(torch.tensor(correct, dtype=torch.float32))
-        sampled = self.generate(triggered, s.asr_samples, s.tau_asr, 1.0, s.asr_new_tokens)
-        metrics["asr_sampled"].update(self.decode(sampled))
-        with torch.no_grad():
-            logits = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=position_ids_from_mask(batch["attention_mask"]),
-            ).logits
-        metrics["perplexity"].update(logits[:, :-1].float(), batch["labels"][:, 1:])
-
-
-class BackdoorSFTModule(SFTModule, BackdoorEvalModule):
-    """SFT with backdoor metrics: plants a backdoor on poisoned data (`method=backdoor`), and is
-    the plain-SFT baseline on clean data, which never visits the trigger."""
-
-
-class OverwriteSFTModule(BackdoorEvalModule):
-    """Trigger known: SFT on (prompt with the real trigger after the role tag -> clean response),
-    optionally averaged with plain (prompt -> clean response) SFT. One trigger per batch."""
-
-    def __init__(self, *args, clean_mix: bool = True, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.clean_mix = clean_mix
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        pick = int(torch.randint(len(self.trigger_ids), ()))
-        trigger = self.embed(torch.tensor(self.trigger_ids[pick], device=self.device))
-        loss = self.stand_in_loss(batch, trigger, None)
-        if self.clean_mix:
-            clean, _ = self.response_nll(
-                batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:] != IGNORE_INDEX
-            )
-            loss = (loss + clean) / 2
-        self.update(loss)
-        self.log("train/loss", loss, prog_bar=True)
-
 
 STAGES = ("simulate", "eliminate", "both")
 PARROT_INITS = ("zeros", "random")
@@ -488,3 +276,4 @@ def load_parrot(path: str, shape: tuple[int, int]) -> Tensor:
             f"{shape} (parrot_tokens, hidden size)"
         )
     return parrot.float()
+
