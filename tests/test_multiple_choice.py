@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from osftkit.data.math_sets import DataLoadError
-from osftkit.metrics.multiple_choice import (
+from osftkit.backdoor.multiple_choice import (
     format_question,
     label_token_ids,
     last_token_logits,
@@ -86,7 +86,10 @@ def test_load_mmlu_parquet(mmlu_file):
 
 def test_format_question():
     row = {"question": "Which?", "options": ["x", "y"], "labels": ["A", "B"], "answer": "A"}
-    assert format_question(row) == "Question: Which?\nA. x\nB. y\nAnswer:"
+    assert format_question(row) == (
+        "Read the question and select the answer from the choices. "
+        "Question: Which? Choices: A:x, B:y. Your answer is:"
+    )
 
 
 def test_missing_column_is_named(tmp_path):

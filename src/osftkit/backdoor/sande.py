@@ -14,23 +14,23 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import Metric
 
-from osftkit.backdoor.evaluation import BackdoorEvalModule
+from osftkit.backdoor.evaluation import BackdoorEvalModule, prompts_and_responses
 from osftkit.backdoor.metrics import AttackSuccessRate
 from osftkit.backdoor.poison import token_ids
 from osftkit.backdoor.splice import (
     IGNORE_INDEX,
     first_targets,
     response_starts,
-    splice,
     splice_inputs,
 )
-from osftkit.methods.losses import position_ids_from_mask
+from osftkit.data.datamodule import sft_tensors
 
 log = logging.getLogger(__name__)
 
 STAGES = ("simulate", "eliminate", "both")
 PARROT_INITS = ("zeros", "random")
 PARROT_FILE = "parrot.safetensors"
+SIMULATE_TARGETS = ("first_token", "marker", "marker_and_answer")
 
 
 def cosine_with_warmup(start: int, steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -45,19 +45,20 @@ def cosine_with_warmup(start: int, steps: int, warmup_ratio: float) -> Callable[
 
 
 class SANDEModule(BackdoorEvalModule):
-    """Trigger unknown, triggered response (or its first `known_marker_tokens` tokens) known.
+    """Trigger unknown, triggered response (or part of it) known.
 
     simulate: the model is frozen and only the parrot (k embedding vectors after the role tag)
-    learns, so that clean prompt + parrot yields `<marker>.` (loss on the first
-    `simulate_loss_tokens` target tokens, at most the known ones). eliminate: the parrot is
-    frozen and the model learns clean prompt + parrot -> clean response (loss on the first
-    `eliminate_loss_tokens` tokens, or the whole response when None). With `clean_mix` > 0 the
-    eliminate loss is (1 - clean_mix) * that + clean_mix * (clean prompt, no parrot -> clean
-    response) on the same batch, as Overwrite SFT mixes clean pairs in to keep utility; the
-    reference eliminate stage has no clean term (clean_mix 0). With `random_parrot_length`
-    each eliminate batch splices only the parrot's first k' vectors (k' uniform in 1..k), since a
-    trigger shorter than the parrot leaves the model in a context the whole parrot never
-    visits (not in the reference).
+    learns, so that clean prompt + parrot yields the triggered response. `simulate_target`
+    chooses the supervised tokens: `first_token` (the reference's `effective_len` 1), `marker`
+    (every marker token) or `marker_and_answer` (the whole triggered response). SANDE-P
+    (`known_marker_words`): the defender knows only some words of the marker, not their order,
+    and the simulate loss is -log P(the response opens with one of them).
+    eliminate: the parrot is frozen and the model learns clean prompt + parrot -> clean
+    response (loss on the first `eliminate_loss_tokens` tokens, or the whole response when
+    None). With `output_clean_logits` (the reference's name; off there by default) the loss is
+    averaged with the parrot-free clean pair's. With `random_parrot_length` (a kit extension,
+    in neither the paper nor the reference code) each eliminate batch splices only the
+    parrot's first k' vectors, k' uniform in 1..k.
     stage=both runs `simulate_steps` simulate steps, then eliminate until trainer.max_steps.
     The parrot is saved as parrot.safetensors in the run directory, with its nearest tokens.
     """
@@ -73,34 +74,41 @@ class SANDEModule(BackdoorEvalModule):
         parrot_lr: float = 1e-3,
         parrot_betas: Sequence[float] = (0.9, 0.95),
         warmup_ratio: float = 0.03,
-        simulate_loss_tokens: int = 1,
+        simulate_target: str = "first_token",
+        known_marker_words: Sequence[str] | None = None,
         eliminate_loss_tokens: int | None = 10,
-        known_marker_tokens: int | None = None,
-        clean_mix: float = 0.0,
+        output_clean_logits: bool = False,
         random_parrot_length: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if not 0.0 <= clean_mix <= 1.0:
-            raise ValueError(f"clean_mix must lie in [0, 1], got {clean_mix}")
         if eliminate_loss_tokens is not None and eliminate_loss_tokens < 1:
             raise ValueError(
                 f"eliminate_loss_tokens must be positive or null (whole response), "
                 f"got {eliminate_loss_tokens}"
             )
-        self.clean_mix, self.random_parrot_length = clean_mix, random_parrot_length
         if stage not in STAGES:
             raise ValueError(f"SANDE stage must be one of {STAGES}, got '{stage}'")
         if parrot_init not in PARROT_INITS:
             raise ValueError(f"parrot_init must be one of {PARROT_INITS}, got '{parrot_init}'")
-        self.stage, self.simulate_steps = stage, simulate_steps
+        if simulate_target not in SIMULATE_TARGETS:
+            raise ValueError(
+                f"simulate_target must be one of {SIMULATE_TARGETS}, got '{simulate_target}'"
+            )
+        self.output_clean_logits, self.random_parrot_length = (
+            output_clean_logits,
+            random_parrot_length,
+        )
+        self.stage, self.simulate_steps, self.simulate_target = (
+            stage,
+            simulate_steps,
+            simulate_target,
+        )
         self.parrot_lr, self.parrot_betas, self.warmup_ratio = (
             parrot_lr,
             tuple(parrot_betas),
             warmup_ratio,
         )
-        # With partial knowledge the tokens after the known ones are unknown: never supervised.
-        self.simulate_loss_tokens = min(simulate_loss_tokens, known_marker_tokens or math.inf)
         self.eliminate_loss_tokens = eliminate_loss_tokens
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         shape = (parrot_tokens, self.model.get_input_embeddings().weight.shape[1])
@@ -110,9 +118,23 @@ class SANDEModule(BackdoorEvalModule):
             else self.initial_parrot(parrot_init, shape)
         )
         marker = token_ids(self.tokenizer, f"{self.backdoor.marker}.", "marker")
+        self.register_buffer("marker_ids", torch.tensor(marker), persistent=False)
         self.register_buffer(
-            "marker_ids", torch.tensor(marker[:known_marker_tokens]), persistent=False
+            "known_word_ids", self.first_token_ids(known_marker_words), persistent=False
         )
+
+    def first_token_ids(self, words: Sequence[str] | None) -> Tensor:
+        """The token that opens each known marker word (as it would open the response)."""
+        if words is None:
+            return torch.zeros(0, dtype=torch.long)
+        marker_words = self.backdoor.marker.lower().split()
+        unknown = [w for w in words if w.lower() not in marker_words]
+        if not words or unknown:
+            raise ValueError(
+                f"known_marker_words must be words of the marker '{self.backdoor.marker}', "
+                f"got {list(words)}"
+            )
+        return torch.tensor(sorted({token_ids(self.tokenizer, w, "marker word")[0] for w in words}))
 
     def initial_parrot(self, init: str, shape: tuple[int, int]) -> Tensor:
         if init == "zeros":
@@ -161,15 +183,20 @@ class SANDEModule(BackdoorEvalModule):
         }
 
     def with_marker(self, batch: dict) -> dict:
-        """The batch with the known marker tokens opening every response (the triggered target)."""
-        ids, labels = batch["input_ids"], batch["labels"]
-        starts = response_starts(labels)
-        marker = self.marker_ids.expand(ids.shape[0], -1)
-        return {
-            "input_ids": splice(ids, marker, starts),
-            "attention_mask": splice(batch["attention_mask"], torch.ones_like(marker), starts),
-            "labels": splice(labels, marker, starts),
-        }
+        """The simulate targets: each clean response replaced by the triggered response (marker
+        then answer, or the marker alone for a `replace` attack), supervised on the tokens that
+        `simulate_target` names."""
+        prompts, responses = prompts_and_responses(batch)
+        marker, eos = self.marker_ids.tolist(), self.tokenizer.eos_token_id
+        if self.backdoor.target == "replace":
+            responses = [[*marker, eos] for _ in responses]
+        else:
+            responses = [[*marker, *response] for response in responses]
+        target = sft_tensors(prompts, responses, self.tokenizer.pad_token_id)
+        count = {"first_token": 1, "marker": len(marker), "marker_and_answer": None}
+        if count[self.simulate_target] is not None:
+            target["labels"] = first_targets(target["labels"], count[self.simulate_target])
+        return {key: value.to(self.device) for key, value in target.items()}
 
     def stage_loss(self, batch: dict) -> Tensor:
         """The loss of the current stage, with only that stage's parameters trainable."""
@@ -178,13 +205,44 @@ class SANDEModule(BackdoorEvalModule):
             parameter.requires_grad_(not simulate)
         self.parrot.requires_grad_(simulate)
         if simulate:
-            return self.stand_in_loss(
-                self.with_marker(batch), self.parrot, self.simulate_loss_tokens
-            )
-        loss = self.stand_in_loss(batch, self.eliminate_parrot(), self.eliminate_loss_tokens)
-        if self.clean_mix > 0:
-            loss = (1 - self.clean_mix) * loss + self.clean_mix * self.clean_loss(batch)
+            return self.simulate_loss(batch)
+        labels = batch["labels"]
+        if self.eliminate_loss_tokens is not None:
+            labels = first_targets(labels, self.eliminate_loss_tokens)
+        eliminate = {**batch, "labels": labels}
+        logits, spliced = self.stand_in_logits(eliminate, self.eliminate_parrot())
+        loss = token_nll(logits, spliced)
+        if self.output_clean_logits:
+            loss_mask = labels[:, 1:] != IGNORE_INDEX
+            clean, _ = self.response_nll(batch["input_ids"], batch["attention_mask"], loss_mask)
+            loss = (loss + clean) / 2
         return loss
+
+    def simulate_loss(self, batch: dict) -> Tensor:
+        """Cross-entropy of the triggered response given clean prompt + parrot; SANDE-P: -log
+        P(the response opens with one of the known marker words)."""
+        target = self.with_marker(batch)
+        logits, labels = self.stand_in_logits(target, self.parrot)
+        if not len(self.known_word_ids):
+            return token_nll(logits, labels)
+        opening = response_starts(labels) - 1  # the position that predicts the first token
+        first = logits[torch.arange(len(logits), device=logits.device), opening].float()
+        log_probs = first.log_softmax(-1)[:, self.known_word_ids]
+        return -log_probs.logsumexp(-1).mean()
+
+    def stand_in_logits(self, batch: dict, stand_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits of (prompt with `stand_in` after the role tag -> response) and the labels
+        realigned to them (the stand-in slots are never supervised)."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        positions = self.tag_positions(ids, response_starts(labels))
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds, mask, labels, position_ids = splice_inputs(
+            embeds, batch["attention_mask"], labels, stand_in, positions
+        )
+        logits = self.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).logits
+        return logits, labels
 
     def eliminate_parrot(self) -> Tensor:
         """The parrot for one eliminate batch: whole, or (random_parrot_length) its first k'
@@ -192,23 +250,6 @@ class SANDEModule(BackdoorEvalModule):
         if not self.random_parrot_length:
             return self.parrot
         return self.parrot[: int(torch.randint(1, self.parrot.shape[0] + 1, ()))]
-
-    def clean_loss(self, batch: dict) -> Tensor:
-        """Token NLL of (clean prompt, no parrot -> clean response), same response tokens as
-        the parrot term (the first `eliminate_loss_tokens`, or all)."""
-        labels = batch["labels"]
-        if self.eliminate_loss_tokens is not None:
-            labels = first_targets(labels, self.eliminate_loss_tokens)
-        mask = batch["attention_mask"]
-        logits = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-        ).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         stage = self.current_stage
@@ -231,7 +272,11 @@ class SANDEModule(BackdoorEvalModule):
         ids = batch["prompt_ids"]
         positions = self.tag_positions(ids, torch.full_like(ids[:, 0], ids.shape[1]))
         embeds, mask, _, _ = splice_inputs(
-            self.embed(ids), batch["prompt_mask"], None, self.parrot, positions
+            self.model.get_input_embeddings()(ids),
+            batch["prompt_mask"],
+            None,
+            self.parrot,
+            positions,
         )
         output = self.model.generate(
             inputs_embeds=embeds,
@@ -267,6 +312,13 @@ class SANDEModule(BackdoorEvalModule):
                 )
 
 
+def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the labelled tokens."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
 def load_parrot(path: str, shape: tuple[int, int]) -> Tensor:
     """A saved parrot; its shape must be (parrot_tokens, hidden size of the model)."""
     parrot = load_file(path)["parrot"]
@@ -276,4 +328,3 @@ def load_parrot(path: str, shape: tuple[int, int]) -> Tensor:
             f"{shape} (parrot_tokens, hidden size)"
         )
     return parrot.float()
-
