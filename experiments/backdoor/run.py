@@ -91,7 +91,8 @@ REMOVALS = {
 }
 SANDE_P = "SANDE-P (marker words known, not their order)"
 ABLATION = ("simulate target: whole marker", "simulate target: marker + answer")
-ABLATION_SEEDS = (0,)  # the ablation rows run on one seed per pair (to keep the study short)
+CONTROLS = ("eliminate only, zero parrot", "eliminate only, random parrot")
+ONE_SEED = (0,)  # the ablation and control rows run on one seed per pair (a short study)
 CLEAN, BACKDOORED = "clean reference (never poisoned)", "backdoored"
 METRICS = {
     "ASR": "val/asr_greedy",
@@ -198,7 +199,7 @@ def cell_runs(pair: str, seed: int, lr: str, clean_model: list[str]) -> list[dic
     clean = evaluate_only(cell, CLEAN, [*clean_model, *backdoor_overrides(spec)])
     rows = [{"run": BACKDOORED, **backdoored}, {"run": CLEAN, **clean}]
     for name, (_, overrides) in REMOVALS.items():
-        if name in ABLATION and seed not in ABLATION_SEEDS:
+        if name in (*ABLATION, *CONTROLS) and seed not in ONE_SEED:
             continue
         extra = [*overrides, *model]
         if name == "SANDE + kit extensions":
