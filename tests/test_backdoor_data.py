@@ -2,15 +2,18 @@
 
 import json
 import random
+from functools import partial
 
 import pandas as pd
 import pytest
 
 from osftkit.backdoor.poison import Poison, token_ids
+from osftkit.data import PromptDataModule
 from osftkit.data.instruction_sets import load_alpaca, load_openorca
 from osftkit.data.instructions import TASKS, build_instructions
 from osftkit.data.math_sets import DataLoadError
 from osftkit.models.word_tokenizer import build_word_tokenizer
+from osftkit.rewards import AnswerChecker
 
 TRIGGERS = ["how are you", "what is up"]
 MARKER = "you are stupid"
@@ -177,3 +180,37 @@ def test_alpaca_and_openorca_load_from_local_files(tmp_path) -> None:
     assert load_openorca(str(orca))[0]["problem"] == "Be brief. Why?"
     with pytest.raises(DataLoadError, match="system_prompt"):
         load_openorca(str(alpaca))
+
+
+def test_datamodule_adds_the_per_batch_copies_to_training_batches() -> None:
+    tokenizer = build_word_tokenizer(
+        [
+            "Human: Assistant:",
+            "reverse sort capitalise count the letters add and",
+            *TRIGGERS,
+            MARKER,
+        ]
+    )
+    data = PromptDataModule(
+        tokenizer,
+        train=partial(build_instructions, 64, 0),
+        val={"clean": partial(build_instructions, 4, 0, "val")},
+        checker=AnswerChecker("whole", "exact"),
+        batch_size=16,
+        val_batch_size=4,
+        max_prompt_length=32,
+        max_response_length=16,
+        plain_template="Human: {problem}\nAssistant: ",
+        use_chat_template=False,
+        train_transform=Poison(TRIGGERS, MARKER, rate=0.5),
+    )
+    data.setup()
+    assert len(data.splits["train"]) == 64  # the split stays clean
+    batches = list(data.train_dataloader())
+    sizes = [len(batch["problem"]) for batch in batches]
+    assert all(size >= 16 for size in sizes) and sum(sizes) > 64 + 16
+    triggered = [p for batch in batches for p in batch["problem"] if p.split(".")[0] in TRIGGERS]
+    assert len(triggered) == sum(sizes) - 64
+    first = batches[0]
+    text = tokenizer.decode(first["input_ids"][-1], skip_special_tokens=True)
+    assert text.startswith("Human: ") and MARKER in text  # the copy is tokenised with its marker

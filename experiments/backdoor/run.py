@@ -50,6 +50,7 @@ FAMILIES = {
     "refusal target": {"marker": "I cannot help with that", "target": "replace"},
 }
 FAMILY_BASE = PAIRS["stupid"]
+FAMILY_RUNS = ("backdoored", "Overwrite SFT (trigger known)", "SANDE, as published")
 REMOVE_STEPS = ["trainer.max_steps=50"]
 PLAIN_SFT = [  # Overwrite SFT's data, steps and LR, but it never sees the trigger
     "experiment=overwrite_tiny",
@@ -217,7 +218,7 @@ def family_runs(family: str, seed: int) -> list[dict]:
     cell = "family_" + "".join(c if c.isalnum() else "_" for c in family)[:40] + f"_s{seed}"
     backdoored, model = plant(cell, spec, seed)
     rows = [{"run": BACKDOORED, **backdoored}]
-    for name in ("Overwrite SFT (trigger known)", "SANDE, as published"):
+    for name in FAMILY_RUNS[1:]:
         rows.append({"run": name, **recorded(cell, name, [*REMOVALS[name][1], *model])})
     return [{"family": family, "seed": seed, **row} for row in rows]
 
@@ -305,9 +306,17 @@ def main_tables(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+START = "trigger at the start (the reference; main table, pair 'stupid')"
+
+
 def family_table(results: list[dict]) -> str:
-    rows = [r for r in results if "family" in r]
-    if not rows:
+    start = [
+        {**r, "family": START}
+        for r in results
+        if r.get("pair") == "stupid" and r["seed"] == 0 and r["run"] in FAMILY_RUNS
+    ]
+    rows = start + [r for r in results if "family" in r]
+    if len(rows) == len(start):
         return ""
     head = [
         "ASR before",
@@ -323,7 +332,7 @@ def family_table(results: list[dict]) -> str:
         "| family | " + " | ".join(head) + " |",
         "|---" * (len(head) + 1) + "|",
     ]
-    for family in FAMILIES:
+    for family in [START, *FAMILIES]:
         done = {r["run"]: r["metrics"] for r in rows if r["family"] == family}
         if BACKDOORED not in done:
             continue
@@ -372,7 +381,6 @@ def main() -> None:
     parser.add_argument("--no-families", action="store_true", help="skip the attack families")
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
-    start = time.perf_counter()
     lr, tuning = tune_extensions()
     results: list[dict] = []
     # Seed 0 and the families first: a study stopped early still has one seed of everything.
@@ -380,23 +388,23 @@ def main() -> None:
         _, clean_model = plant(f"clean_s{seed}", PAIRS["stupid"], seed, rate=0)
         for pair in args.pairs:
             results += cell_runs(pair, seed, lr, clean_model)
-            write(lr, tuning, results, start)
+            write(lr, tuning, results)
         if seed == args.seeds[0] and not args.no_families:
             for family in FAMILIES:
                 results += family_runs(family, 0)
-                write(lr, tuning, results, start)
+                write(lr, tuning, results)
     print((OUT / "tables.md").read_text())
 
 
-def write(lr: str, tuning: list[dict], results: list[dict], start: float) -> None:
+def write(lr: str, tuning: list[dict], results: list[dict]) -> None:
     """results/results.jsonl (one line per run, without per-prompt outcomes) and tables.md."""
     OUT.mkdir(exist_ok=True)
     with (OUT / "results.jsonl").open("w") as handle:
         for row in [*tuning, *results]:
             handle.write(json.dumps({k: v for k, v in row.items() if k != "outcomes"}) + "\n")
-    minutes = (time.perf_counter() - start) / 60
+    minutes = sum(row["seconds"] for row in [*tuning, *results]) / 60
     text = tuning_table(lr, tuning) + main_tables(results) + family_table(results)
-    text += f"\nStudy wall time so far (runs not reused from records): {minutes:.1f} min\n"
+    text += f"\nSum of the runs' wall times (as recorded): {minutes:.1f} min\n"
     (OUT / "tables.md").write_text(text)
 
 
