@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from osftkit.data.math_sets import DataLoadError
 from osftkit.backdoor.multiple_choice import (
     format_question,
     label_token_ids,
@@ -18,6 +17,7 @@ from osftkit.backdoor.multiple_choice import (
     multiple_choice_accuracy,
     multiple_choice_predictions,
 )
+from osftkit.data.math_sets import DataLoadError
 
 ARC_ROWS = [
     {
