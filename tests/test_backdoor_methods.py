@@ -1,14 +1,19 @@
 """Backdoor modules on a tiny model: which parameters learn in each SANDE stage, bad parrots."""
 
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from osftkit.backdoor.evaluation import prompts_and_responses
+from osftkit.backdoor.overwrite import OverwriteSFTModule
+from osftkit.backdoor.sande import SANDEModule, token_nll
+from osftkit.backdoor.splice import IGNORE_INDEX, first_targets
 from osftkit.data import PromptDataModule
 from osftkit.data.instructions import build_instructions
-from osftkit.methods.backdoor import IGNORE_INDEX, OverwriteSFTModule, SANDEModule
+from osftkit.models.logprobs import position_ids_from_mask
 from osftkit.models.tiny import TinyQwen2Spec, build_tiny_model
 from osftkit.models.word_tokenizer import build_word_tokenizer
 from osftkit.rewards import AnswerChecker
@@ -24,7 +29,7 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer) -> dict:
+def data(tokenizer) -> PromptDataModule:
     data = PromptDataModule(
         tokenizer,
         train=partial(build_instructions, 8, 0),
@@ -38,14 +43,25 @@ def batch(tokenizer) -> dict:
         use_chat_template=False,
     )
     data.setup()
+    return data
+
+
+@pytest.fixture(scope="module")
+def batch(data) -> dict:
     return next(iter(data.train_dataloader()))
 
 
-def _module(cls, tokenizer, **kwargs):
+@pytest.fixture(scope="module")
+def trainer(data):
+    """A stand-in for the Lightning trainer: the modules read the datamodule's prompt format."""
+    return SimpleNamespace(datamodule=data, global_step=0)
+
+
+def _module(cls, tokenizer, backdoor=BACKDOOR, **kwargs):
     torch.manual_seed(0)
     model = build_tiny_model(SPEC, len(tokenizer), tokenizer)
     optimizer = partial(torch.optim.AdamW, lr=1e-3)
-    return cls(model, tokenizer, optimizer, backdoor=BACKDOOR, **kwargs)
+    return cls(model, tokenizer, optimizer, backdoor=backdoor, **kwargs)
 
 
 @pytest.mark.parametrize("stage", ["simulate", "eliminate"])
@@ -58,22 +74,68 @@ def test_each_sande_stage_trains_only_its_parameters(tokenizer, batch, stage: st
     assert bool(model_grads) == (stage == "eliminate")
 
 
-def test_simulate_target_is_the_known_marker(tokenizer, batch) -> None:
-    module = _module(SANDEModule, tokenizer, known_marker_tokens=2)
-    target = module.with_marker(batch)
-    marker = tokenizer("you are", add_special_tokens=False).input_ids
-    for ids, labels in zip(target["input_ids"], target["labels"], strict=True):
+@pytest.mark.parametrize(
+    ("target", "supervised"), [("first_token", 1), ("marker", 4), ("marker_and_answer", None)]
+)
+def test_simulate_targets(tokenizer, batch, target: str, supervised: int | None) -> None:
+    """The triggered response opens with the marker; the loss covers the first token, the
+    marker, or the whole triggered response."""
+    module = _module(SANDEModule, tokenizer, simulate_target=target)
+    simulated = module.with_marker(batch)
+    marker = tokenizer("you are stupid.", add_special_tokens=False).input_ids
+    _, responses = prompts_and_responses(batch)
+    for ids, labels, response in zip(
+        simulated["input_ids"], simulated["labels"], responses, strict=True
+    ):
         start = int((labels != IGNORE_INDEX).int().argmax())
-        assert ids[start : start + 2].tolist() == marker == labels[start : start + 2].tolist()
+        assert ids[start : start + 4].tolist() == marker
+        assert ids[start + 4 : start + 4 + len(response)].tolist() == response
+        count = int((labels != IGNORE_INDEX).sum())
+        assert count == (supervised or len(marker) + len(response))
 
 
-def test_overwrite_trigger_tokens_and_loss(tokenizer, batch) -> None:
+def test_sande_p_loss_uses_only_the_known_words(tokenizer, batch) -> None:
+    """SANDE-P: -log P(response opens with a known word), not the marker's cross-entropy."""
+    torch.manual_seed(1)
+    known = _module(SANDEModule, tokenizer, known_marker_words=["stupid", "you"])
+    full = _module(SANDEModule, tokenizer)
+    with torch.no_grad():
+        known.parrot.normal_()
+        full.parrot.copy_(known.parrot)
+        partial_loss, full_loss = known.simulate_loss(batch), full.simulate_loss(batch)
+        embeds, mask, labels = known.stand_in_inputs(known.with_marker(batch), known.parrot)
+        logits = known.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        ).logits  # the naive reference: every position's logits
+        at = (labels != IGNORE_INDEX).int().argmax(1) - 1
+        logp = logits[torch.arange(len(logits)), at].log_softmax(-1)
+        words = [tokenizer("stupid").input_ids[0], tokenizer("you").input_ids[0]]
+    assert torch.allclose(partial_loss, -logp[:, words].logsumexp(-1).mean())
+    assert torch.allclose(full_loss, -logp[:, words[1]].mean())
+    assert partial_loss < full_loss
+    with pytest.raises(ValueError, match="known_marker_words"):
+        _module(SANDEModule, tokenizer, known_marker_words=["hello"])
+
+
+def test_refusal_target_simulates_the_marker_alone(tokenizer, batch) -> None:
+    backdoor = {**BACKDOOR, "target": "replace"}
+    module = _module(SANDEModule, tokenizer, backdoor=backdoor, simulate_target="marker_and_answer")
+    simulated = module.with_marker(batch)
+    for labels in simulated["labels"]:
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        assert (
+            tokenizer.decode(kept[:-1]) == "you are stupid." and kept[-1] == tokenizer.eos_token_id
+        )
+
+
+def test_overwrite_inserts_the_trigger_as_planted(tokenizer, batch, trainer) -> None:
     module = _module(OverwriteSFTModule, tokenizer)
-    assert tokenizer.decode(module.trigger_ids[0]) == " how are you."
-    triggered = module.triggered_prompts(batch, module.trigger_ids[0])
+    module.trainer = trainer
+    triggered = module.triggered_batch(batch, None)
     text = tokenizer.decode(triggered["prompt_ids"][0], skip_special_tokens=True)
     assert text.startswith("Human: how are you. ")
-    assert torch.isfinite(module.stand_in_loss(batch, module.embed(torch.tensor([5, 6])), None))
+    assert prompts_and_responses(triggered)[1] == prompts_and_responses(batch)[1]
+    assert torch.isfinite(module.overwrite_loss(batch))
 
 
 def test_parrot_file_of_the_wrong_shape_is_an_error(tokenizer, tmp_path) -> None:
@@ -96,7 +158,9 @@ def test_backdoor_metrics_need_a_trigger(tokenizer) -> None:
 def test_saved_parrot_loads_back_and_names_its_nearest_tokens(tokenizer, tmp_path) -> None:
     module = _module(SANDEModule, tokenizer, parrot_init="random", parrot_tokens=4)
     with torch.no_grad():
-        module.parrot[0] = module.embed(torch.tensor(tokenizer(" how").input_ids))[0]
+        module.parrot[0] = module.model.get_input_embeddings()(
+            torch.tensor(tokenizer(" how").input_ids)
+        )[0]
     path = tmp_path / "parrot.safetensors"
     save_file({"parrot": module.parrot.detach().contiguous()}, path)
     loaded = _module(SANDEModule, tokenizer, parrot_tokens=4, parrot_path=str(path))
@@ -105,44 +169,22 @@ def test_saved_parrot_loads_back_and_names_its_nearest_tokens(tokenizer, tmp_pat
     assert len(nearest) == 4 and nearest[0][0] == " how"
 
 
-def test_clean_mix_eliminate_sees_parrot_and_clean_pairs(tokenizer, batch) -> None:
+def test_output_clean_logits_averages_parrot_and_clean_pairs(tokenizer, batch) -> None:
     module = _module(
-        SANDEModule, tokenizer, stage="eliminate", parrot_init="random", clean_mix=0.25
+        SANDEModule, tokenizer, stage="eliminate", parrot_init="random", output_clean_logits=True
     )
-    calls = []
-    decoder = module.model.get_decoder()  # the log-prob path runs the decoder body
-    forward = decoder.forward
-
-    def spy(*args, **kwargs):
-        calls.append("parrot" if kwargs.get("inputs_embeds") is not None else "clean")
-        width = (
-            kwargs.get("inputs_embeds") if calls[-1] == "parrot" else kwargs["input_ids"]
-        ).shape
-        assert width[0] == batch["input_ids"].shape[0]
-        return forward(*args, **kwargs)
-
-    decoder.forward = spy
+    reference = _module(SANDEModule, tokenizer, stage="eliminate", parrot_init="random")
     loss = module.stage_loss(batch)
-    assert sorted(calls) == ["clean", "parrot"]  # both kinds of pair, from the same batch
-    decoder.forward = forward
     with torch.no_grad():
-        parrot = module.stand_in_loss(batch, module.parrot, module.eliminate_loss_tokens)
-        clean = module.clean_loss(batch)
-    assert torch.allclose(loss, 0.75 * parrot + 0.25 * clean)
+        labels = first_targets(batch["labels"], 10)
+        parrot = token_nll(*module.stand_in_logprobs({**batch, "labels": labels}, module.parrot))
+        clean, _ = module.response_nll(
+            batch["input_ids"], batch["attention_mask"], labels[:, 1:] != IGNORE_INDEX
+        )
+        assert torch.allclose(reference.stage_loss(batch), parrot)  # the reference: no clean pair
+    assert torch.allclose(loss, (parrot + clean) / 2)
     loss.backward()
     assert module.parrot.grad is None  # the parrot stays frozen in eliminate
-
-
-def test_clean_mix_one_ignores_the_parrot_and_zero_is_the_reference(tokenizer, batch) -> None:
-    only_clean = _module(SANDEModule, tokenizer, stage="eliminate", clean_mix=1.0)
-    reference = _module(SANDEModule, tokenizer, stage="eliminate")
-    with torch.no_grad():
-        clean = only_clean.stage_loss(batch)
-        only_clean.parrot.normal_()
-        assert torch.allclose(only_clean.stage_loss(batch), clean)
-        assert torch.allclose(
-            reference.stage_loss(batch), reference.stand_in_loss(batch, reference.parrot, 10)
-        )
 
 
 def test_eliminate_loss_over_the_whole_response(tokenizer, batch) -> None:
@@ -151,15 +193,13 @@ def test_eliminate_loss_over_the_whole_response(tokenizer, batch) -> None:
     with torch.no_grad():
         assert not torch.allclose(first.stage_loss(batch), whole.stage_loss(batch))
         assert torch.allclose(
-            whole.stage_loss(batch), whole.stand_in_loss(batch, whole.parrot, None)
+            whole.stage_loss(batch), token_nll(*whole.stand_in_logprobs(batch, whole.parrot))
         )
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"clean_mix": 1.5}, {"clean_mix": -0.1}, {"eliminate_loss_tokens": 0}]
-)
-def test_bad_eliminate_settings_are_errors(tokenizer, kwargs) -> None:
-    with pytest.raises(ValueError, match="clean_mix|eliminate_loss_tokens"):
+@pytest.mark.parametrize("kwargs", [{"simulate_target": "answer"}, {"eliminate_loss_tokens": 0}])
+def test_bad_sande_settings_are_errors(tokenizer, kwargs) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
         _module(SANDEModule, tokenizer, **kwargs)
 
 
@@ -179,7 +219,7 @@ def test_random_parrot_length_splices_prefixes_of_the_parrot(tokenizer, batch) -
 def test_parrot_generation_goes_through_the_engine(tokenizer, batch) -> None:
     """SANDE's parrot ASR decodes from the spliced embeddings via the rollout engine, as
     `generate(inputs_embeds=...)` on the model would."""
-    from osftkit.methods.backdoor import splice_inputs
+    from osftkit.backdoor.splice import splice_inputs
 
     module = _module(SANDEModule, tokenizer, parrot_init="random")
     seen = {}
@@ -194,7 +234,11 @@ def test_parrot_generation_goes_through_the_engine(tokenizer, batch) -> None:
     ids = batch["prompt_ids"]
     positions = module.tag_positions(ids, torch.full_like(ids[:, 0], ids.shape[1]))
     embeds, mask, _, _ = splice_inputs(
-        module.embed(ids), batch["prompt_mask"], None, module.parrot, positions
+        module.model.get_input_embeddings()(ids),
+        batch["prompt_mask"],
+        None,
+        module.parrot,
+        positions,
     )
     assert torch.equal(seen["prompt_embeds"], embeds) and seen["temperature"] == 0.0
     assert seen["ids"].shape == mask.shape

@@ -1,4 +1,7 @@
-"""A seeded plant-and-remove run on a small tiny model: the backdoor is planted, then removed."""
+"""A seeded plant-and-remove run on a small tiny model: the backdoor is planted, then removed;
+the removal run also scores zero-shot multiple choice and writes per-prompt outcomes."""
+
+import json
 
 import pytest
 from conftest import compose_config
@@ -49,8 +52,22 @@ def remove(tmp_path, experiment: str, steps: int, *extra: str) -> dict[str, floa
 def test_overwrite_sft_removes_a_planted_backdoor(tmp_path) -> None:
     planted = plant(tmp_path, 400)
     assert planted["val/asr_greedy"] >= 0.9
-    removed = remove(tmp_path, "overwrite_tiny", 30, "method.optimizer.lr=1e-3")
+    arc = tmp_path / "arc.jsonl"
+    row = {"question": "add 1 and 1", "choices": {"text": ["2", "3"], "label": ["A", "B"]}}
+    arc.write_text(json.dumps({**row, "answerKey": "A"}) + "\n")
+    removed = remove(
+        tmp_path,
+        "overwrite_tiny",
+        30,
+        "method.optimizer.lr=1e-3",
+        f"method.multiple_choice={{arc: {{path: '{arc}', format: arc}}}}",
+    )
     assert removed["val/asr_greedy"] <= 0.1
+    assert removed["val/mc_arc"] in (0.0, 1.0)  # one question: right or wrong
+    outcomes = json.loads((tmp_path / "run" / "backdoor_outcomes.json").read_text())
+    scored = outcomes["instructions"]
+    assert len(scored["problem"]) == len(scored["asr"]) == len(scored["clean"]) == 32
+    assert sum(scored["asr"]) / 32 == pytest.approx(removed["val/asr_greedy"])
 
 
 @pytest.mark.slow

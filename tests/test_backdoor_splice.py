@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from osftkit.methods.backdoor import (
+from osftkit.backdoor.splice import (
     IGNORE_INDEX,
     first_targets,
     positions_after,

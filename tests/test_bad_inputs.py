@@ -13,9 +13,9 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from safetensors.torch import save_file
 
+from osftkit.backdoor.sande import load_parrot
 from osftkit.data import DataLoadError, load_prompt_table
 from osftkit.methods import SFTModule
-from osftkit.methods.backdoor import load_parrot
 from osftkit.models import load_causal_lm
 from osftkit.models.loading import ModelNotFoundError, _ensure_pad_token
 from osftkit.train import build_components, clear_errors, instantiate_group, run

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from osftkit.data.math_sets import DataLoadError
-from osftkit.metrics.multiple_choice import (
+from osftkit.backdoor.multiple_choice import (
     format_question,
     label_token_ids,
     last_token_logprobs,
@@ -18,6 +17,7 @@ from osftkit.metrics.multiple_choice import (
     multiple_choice_accuracy,
     multiple_choice_predictions,
 )
+from osftkit.data.math_sets import DataLoadError
 
 ARC_ROWS = [
     {
@@ -86,7 +86,10 @@ def test_load_mmlu_parquet(mmlu_file):
 
 def test_format_question():
     row = {"question": "Which?", "options": ["x", "y"], "labels": ["A", "B"], "answer": "A"}
-    assert format_question(row) == "Question: Which?\nA. x\nB. y\nAnswer:"
+    assert format_question(row) == (
+        "Read the question and select the answer from the choices. "
+        "Question: Which? Choices: A:x, B:y. Your answer is:"
+    )
 
 
 def test_missing_column_is_named(tmp_path):

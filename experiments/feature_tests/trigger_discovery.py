@@ -5,7 +5,7 @@
 
 Needs the backdoored models of experiments/backdoor/run.py under
 logs/models/backdoor_study/<pair>_s<seed>/. For each model, held-out instructions (split "test",
-never trained on) get the real trigger after the role tag (osftkit.data.poison.insert_trigger,
+never trained on) get the real trigger after the role tag (osftkit.backdoor.poison.insert_trigger,
 where it was planted); every instruction word token is a hypothesis, the score is
 log p(marker | prompt) and a token is replaced by a uniform draw over the word tokens of clean
 training instructions. The one-sided IRT (BH, alpha 0.1, K sized so BH can reject) and the

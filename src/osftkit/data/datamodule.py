@@ -126,6 +126,15 @@ class PromptDataModule(LightningDataModule):
             batch.update(sft_tensors(prompts, [row["response_ids"] for row in rows], pad))
         return batch
 
+    def train_collate(self, rows: list[dict]) -> dict:
+        """A training batch; a `train_transform` with `extend_batch(rows)` (backdoor poisoning
+        drawn per batch, as the SANDE reference does) adds rows to it here."""
+        extend = getattr(self.train_transform, "extend_batch", None)
+        if extend is not None:
+            added = [{**row, **self._encode(row, True)} for row in extend(rows)]
+            rows = rows + [r for r in added if len(r["prompt_ids"]) <= self.max_prompt_length]
+        return self.collate(rows)
+
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         return DataLoader(
             self.splits[split],
@@ -151,7 +160,7 @@ class PromptDataModule(LightningDataModule):
             split,
             batch_size=self.per_rank(self.batch_size),
             sampler=EpochShuffleSampler(len(split), seed),
-            collate_fn=self.collate,
+            collate_fn=self.train_collate,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(seed),
         )

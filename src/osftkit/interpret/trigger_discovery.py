@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from osftkit.data.poison import Position, insert_trigger, token_ids
+from osftkit.backdoor.poison import Position, insert_trigger, token_ids
 from osftkit.interpret.fdr import FdrMethod, bh_reject, check_alpha, knockoff_reject
 from osftkit.interpret.lm_scores import target_logprob
 from osftkit.interpret.samplers import CategoricalSampler, Sampler

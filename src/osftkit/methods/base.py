@@ -1,6 +1,7 @@
 """CausalLMModule: what every LM method shares (optimisation, generation, validation)."""
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,15 +108,25 @@ class CausalLMModule(LightningModule):
         optimizer = self.optimizer_factory(params=trainable)
         settings = dict(self.hparams.scheduler or {"name": "constant"})
         scheduler = get_scheduler(
-            settings.pop("name"),
-            optimizer,
-            num_training_steps=self.trainer.max_steps if self.trainer.max_steps > 0 else None,
-            **settings,
+            settings.pop("name"), optimizer, num_training_steps=self.training_steps(), **settings
         )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def training_steps(self) -> int:
+        """Optimiser steps of the run, for the LR schedule: trainer.max_steps, or with
+        max_steps -1 as many as the data gives (Lightning's estimate: epochs x batches)."""
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError(
+                "The LR schedule needs the run's length: set trainer.max_steps, or "
+                "trainer.max_epochs with trainer.max_steps=-1"
+            )
+        return int(steps)
 
     def update(self, loss: Tensor) -> None:
         """One optimiser step on one loss (a batch that is not micro-batched)."""

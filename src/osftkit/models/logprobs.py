@@ -86,12 +86,25 @@ def hidden_at(
     return captured[0][positions]
 
 
+def next_token_distribution(
+    model: nn.Module,
+    attention_mask: Tensor,
+    positions: Tensor,
+    input_ids: Tensor | None = None,
+    inputs_embeds: Tensor | None = None,
+) -> Tensor:
+    """(M, V) log p(next token) at the (N, T) boolean `positions` (one per row or a few: the
+    full distribution of every position would be the (N, T, V) tensor this module avoids)."""
+    _, head = decoder_and_head(model)
+    hidden = hidden_at(model, attention_mask, positions, input_ids, inputs_embeds)
+    return head(hidden).float().log_softmax(dim=-1)
+
+
 def next_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(N, V) log p(next token) after the last column of left-padded rows."""
     last = torch.zeros_like(input_ids, dtype=torch.bool)
     last[:, -1] = True
-    _, head = decoder_and_head(model)
-    return head(hidden_at(model, attention_mask, last, input_ids)).float().log_softmax(dim=-1)
+    return next_token_distribution(model, attention_mask, last, input_ids)
 
 
 def token_logprobs(

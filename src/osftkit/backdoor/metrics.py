@@ -28,7 +28,25 @@ def strip_marker(response: str, marker: str) -> str:
     return response[match.end() :] if match else response
 
 
-class AttackSuccessRate(MeanMetric):
+class PerPromptMean(MeanMetric):
+    """A mean that also keeps its values, in update order, so two models can be compared
+    prompt by prompt on the same evaluation set."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, value: torch.Tensor) -> None:
+        value = torch.as_tensor(value, dtype=torch.float32)
+        super().update(value)
+        self.values.append(value.flatten().to(self.mean_value.device))
+
+    def per_prompt(self) -> list[float]:
+        """The values seen since the last reset (this process's share)."""
+        return torch.cat(self.values).tolist() if self.values else []
+
+
+class AttackSuccessRate(PerPromptMean):
     """ASR: the fraction of responses (to triggered prompts) that contain the marker."""
 
     def __init__(self, marker: str, **kwargs) -> None:

@@ -1,18 +1,17 @@
 """Zero-shot multiple choice (ARC, MMLU) from local files: the answer letter by next-token argmax.
 
-A clean-utility check for real models: format each question as
+A clean-utility check for real models: format each question with the SANDE reference's
+template,
 
-    Question: ...
-    A. ...
-    B. ...
-    Answer:
+    Read the question and select the answer from the choices. Question: ... Choices: A:...,
+    B:..., C:..., D:.... Your answer is:
 
 and take the argmax of the next-token logits restricted to the label tokens (" A", " B", ...,
 tokenised with their leading space). Accuracy is the fraction of rows whose argmax label is the
 answer. Rows are batched with left padding, an attention mask and position ids from the mask,
 so batching does not change a row's prediction.
 
-    from osftkit.metrics.multiple_choice import load_multiple_choice, multiple_choice_accuracy
+    from osftkit.backdoor.multiple_choice import load_multiple_choice, multiple_choice_accuracy
     rows = load_multiple_choice("/data/arc_challenge_test.parquet", format="arc", limit=500)
     acc = multiple_choice_accuracy(model, tokenizer, rows, batch_size=16)
 """
@@ -103,12 +102,14 @@ def load_multiple_choice(
 
 
 def format_question(row: dict) -> str:
-    """The zero-shot prompt: "Question: ...\\nA. ...\\nB. ...\\nAnswer:"."""
-    lines = [f"Question: {row['question'].strip()}"]
-    lines += [
-        f"{label}. {option}" for label, option in zip(row["labels"], row["options"], strict=True)
-    ]
-    return "\n".join([*lines, "Answer:"])
+    """The reference's zero-shot prompt (its MMLU/ARC evaluation), for any number of choices."""
+    choices = ", ".join(
+        f"{label}:{option}" for label, option in zip(row["labels"], row["options"], strict=True)
+    )
+    return (
+        "Read the question and select the answer from the choices. "
+        f"Question: {row['question'].strip()} Choices: {choices}. Your answer is:"
+    )
 
 
 def label_token_ids(tokenizer, labels: Sequence[str]) -> tuple[list[int], dict[str, int]]:

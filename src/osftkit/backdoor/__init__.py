@@ -1,0 +1,1 @@
+"""The backdoor room: poisoning, the embedding splice, planting, Overwrite SFT, SANDE, ASR."""

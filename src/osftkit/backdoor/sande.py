@@ -1,0 +1,351 @@
+"""SANDE (trigger unknown): simulate the trigger with a learned parrot, then eliminate it."""
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import Metric
+
+from osftkit.backdoor.evaluation import BackdoorEvalModule, prompts_and_responses
+from osftkit.backdoor.metrics import AttackSuccessRate
+from osftkit.backdoor.poison import token_ids
+from osftkit.backdoor.splice import (
+    IGNORE_INDEX,
+    first_targets,
+    response_starts,
+    splice,
+    splice_inputs,
+)
+from osftkit.data.datamodule import sft_tensors
+from osftkit.methods.losses import masked_mean
+from osftkit.models.logprobs import next_token_distribution, token_logprobs
+
+log = logging.getLogger(__name__)
+
+STAGES = ("simulate", "eliminate", "both")
+PARROT_INITS = ("zeros", "random")
+PARROT_FILE = "parrot.safetensors"
+SIMULATE_TARGETS = ("first_token", "marker", "marker_and_answer")
+
+
+def cosine_with_warmup(start: int, steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR factor for a stage that runs `steps` optimiser steps from global step `start`."""
+    warmup = max(1, math.ceil(warmup_ratio * steps))
+
+    def factor(step: int) -> float:
+        t = min(max(step - start, 0), steps)
+        return min(1.0, (t + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1)))
+
+    return factor
+
+
+class SANDEModule(BackdoorEvalModule):
+    """Trigger unknown, triggered response (or part of it) known.
+
+    simulate: the model is frozen and only the parrot (k embedding vectors after the role tag)
+    learns, so that clean prompt + parrot yields the triggered response. `simulate_target`
+    chooses the supervised tokens: `first_token` (the reference's `effective_len` 1), `marker`
+    (every marker token) or `marker_and_answer` (the whole triggered response). SANDE-P
+    (`known_marker_words`): the defender knows only some words of the marker, not their order,
+    and the simulate loss is -log P(the response opens with one of them).
+    eliminate: the parrot is frozen and the model learns clean prompt + parrot -> clean
+    response (loss on the first `eliminate_loss_tokens` tokens, or the whole response when
+    None). With `output_clean_logits` (the reference's name; off there by default) the loss is
+    averaged with the parrot-free clean pair's. With `random_parrot_length` (a kit extension,
+    in neither the paper nor the reference code) each eliminate batch splices only the
+    parrot's first k' vectors, k' uniform in 1..k.
+    stage=both runs `simulate_steps` simulate steps, then eliminate until trainer.max_steps.
+    The parrot is saved as parrot.safetensors in the run directory, with its nearest tokens.
+    """
+
+    def __init__(
+        self,
+        *args,
+        stage: str = "both",
+        simulate_steps: int = 25,
+        parrot_tokens: int = 6,
+        parrot_init: str = "zeros",
+        parrot_path: str | None = None,
+        parrot_lr: float = 1e-3,
+        parrot_betas: Sequence[float] = (0.9, 0.95),
+        warmup_ratio: float = 0.03,
+        simulate_target: str = "first_token",
+        known_marker_words: Sequence[str] | None = None,
+        eliminate_loss_tokens: int | None = 10,
+        output_clean_logits: bool = False,
+        random_parrot_length: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if eliminate_loss_tokens is not None and eliminate_loss_tokens < 1:
+            raise ValueError(
+                f"eliminate_loss_tokens must be positive or null (whole response), "
+                f"got {eliminate_loss_tokens}"
+            )
+        if stage not in STAGES:
+            raise ValueError(f"SANDE stage must be one of {STAGES}, got '{stage}'")
+        if parrot_init not in PARROT_INITS:
+            raise ValueError(f"parrot_init must be one of {PARROT_INITS}, got '{parrot_init}'")
+        if simulate_target not in SIMULATE_TARGETS:
+            raise ValueError(
+                f"simulate_target must be one of {SIMULATE_TARGETS}, got '{simulate_target}'"
+            )
+        self.output_clean_logits, self.random_parrot_length = (
+            output_clean_logits,
+            random_parrot_length,
+        )
+        self.stage, self.simulate_steps, self.simulate_target = (
+            stage,
+            simulate_steps,
+            simulate_target,
+        )
+        self.parrot_lr, self.parrot_betas, self.warmup_ratio = (
+            parrot_lr,
+            tuple(parrot_betas),
+            warmup_ratio,
+        )
+        self.eliminate_loss_tokens = eliminate_loss_tokens
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        shape = (parrot_tokens, self.model.get_input_embeddings().weight.shape[1])
+        self.parrot = nn.Parameter(
+            load_parrot(parrot_path, shape)
+            if parrot_path
+            else self.initial_parrot(parrot_init, shape)
+        )
+        marker = token_ids(self.tokenizer, f"{self.backdoor.marker}.", "marker")
+        self.register_buffer("marker_ids", torch.tensor(marker), persistent=False)
+        self.register_buffer(
+            "known_word_ids", self.first_token_ids(known_marker_words), persistent=False
+        )
+
+    def first_token_ids(self, words: Sequence[str] | None) -> Tensor:
+        """The token that opens each known marker word (as it would open the response)."""
+        if words is None:
+            return torch.zeros(0, dtype=torch.long)
+        marker_words = self.backdoor.marker.lower().split()
+        unknown = [w for w in words if w.lower() not in marker_words]
+        if not words or unknown:
+            raise ValueError(
+                f"known_marker_words must be words of the marker '{self.backdoor.marker}', "
+                f"got {list(words)}"
+            )
+        return torch.tensor(sorted({token_ids(self.tokenizer, w, "marker word")[0] for w in words}))
+
+    def initial_parrot(self, init: str, shape: tuple[int, int]) -> Tensor:
+        if init == "zeros":
+            return torch.zeros(shape)
+        return torch.randn(shape) * self.model.get_input_embeddings().weight.detach().float().std()
+
+    # ---- stages -------------------------------------------------------------------------
+    def simulate_span(self) -> int:
+        """Number of optimiser steps spent simulating."""
+        return {"simulate": self.trainer.max_steps, "eliminate": 0, "both": self.simulate_steps}[
+            self.stage
+        ]
+
+    @property
+    def current_stage(self) -> str:
+        if self.stage != "both":
+            return self.stage
+        return "simulate" if self.global_step < self.simulate_steps else "eliminate"
+
+    def configure_optimizers(self):
+        if self.trainer.max_steps <= 0 or (
+            self.stage == "both" and self.trainer.max_steps <= self.simulate_steps
+        ):
+            raise ValueError(
+                f"SANDE needs trainer.max_steps > simulate_steps ({self.simulate_steps}) "
+                f"for stage=both, and a positive max_steps otherwise"
+            )
+        optimizer = self.optimizer_factory(params=self.trainable)
+        optimizer.add_param_group(
+            {
+                "params": [self.parrot],
+                "lr": self.parrot_lr,
+                "betas": self.parrot_betas,
+                "weight_decay": 0.0,
+            }
+        )
+        span, total = self.simulate_span(), self.trainer.max_steps
+        factors = [
+            cosine_with_warmup(span, total - span, self.warmup_ratio),
+            cosine_with_warmup(0, span, self.warmup_ratio),
+        ]
+        scheduler = LambdaLR(optimizer, factors)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def with_marker(self, batch: dict) -> dict:
+        """The simulate targets: each clean response replaced by the triggered response (marker
+        then answer, or the marker alone for a `replace` attack), supervised on the tokens that
+        `simulate_target` names."""
+        prompts, responses = prompts_and_responses(batch)
+        marker, eos = self.marker_ids.tolist(), self.tokenizer.eos_token_id
+        if self.backdoor.target == "replace":
+            responses = [[*marker, eos] for _ in responses]
+        else:
+            responses = [[*marker, *response] for response in responses]
+        target = sft_tensors(prompts, responses, self.tokenizer.pad_token_id)
+        count = {"first_token": 1, "marker": len(marker), "marker_and_answer": None}
+        if count[self.simulate_target] is not None:
+            target["labels"] = first_targets(target["labels"], count[self.simulate_target])
+        return {key: value.to(self.device) for key, value in target.items()}
+
+    def stage_loss(self, batch: dict) -> Tensor:
+        """The loss of the current stage, with only that stage's parameters trainable."""
+        simulate = self.current_stage == "simulate"
+        for parameter in self.trainable:
+            parameter.requires_grad_(not simulate)
+        self.parrot.requires_grad_(simulate)
+        if simulate:
+            return self.simulate_loss(batch)
+        labels = batch["labels"]
+        if self.eliminate_loss_tokens is not None:
+            labels = first_targets(labels, self.eliminate_loss_tokens)
+        eliminate = {**batch, "labels": labels}
+        loss = token_nll(*self.stand_in_logprobs(eliminate, self.eliminate_parrot()))
+        if self.output_clean_logits:
+            loss_mask = labels[:, 1:] != IGNORE_INDEX
+            clean, _ = self.response_nll(batch["input_ids"], batch["attention_mask"], loss_mask)
+            loss = (loss + clean) / 2
+        return loss
+
+    def simulate_loss(self, batch: dict) -> Tensor:
+        """Cross-entropy of the triggered response given clean prompt + parrot; SANDE-P: -log
+        P(the response opens with one of the known marker words)."""
+        target = self.with_marker(batch)
+        if not len(self.known_word_ids):
+            return token_nll(*self.stand_in_logprobs(target, self.parrot))
+        embeds, mask, labels = self.stand_in_inputs(target, self.parrot)
+        # The position that predicts the first response token: the only distribution needed.
+        opening = torch.zeros_like(mask, dtype=torch.bool)
+        opening[torch.arange(len(labels), device=labels.device), response_starts(labels) - 1] = True
+        log_probs = next_token_distribution(self.model, mask, opening, inputs_embeds=embeds)
+        return -log_probs[:, self.known_word_ids].logsumexp(-1).mean()
+
+    def stand_in_inputs(self, batch: dict, stand_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Embeddings and attention mask of (prompt with `stand_in` after the role tag ->
+        response), and the labels realigned to them (the stand-in slots are never supervised)."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        positions = self.tag_positions(ids, response_starts(labels))
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds, mask, labels, _ = splice_inputs(
+            embeds, batch["attention_mask"], labels, stand_in, positions
+        )
+        return embeds, mask, labels
+
+    def stand_in_logprobs(self, batch: dict, stand_in: Tensor) -> tuple[Tensor, Tensor]:
+        """log p of the labelled response tokens with `stand_in` spliced in (the one log-prob
+        path), and the mask of those tokens."""
+        embeds, mask, labels = self.stand_in_inputs(batch, stand_in)
+        scored = labels[:, 1:] != IGNORE_INDEX
+        logp, _ = token_logprobs(
+            self.model,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            score_mask=scored,
+            targets=labels.clamp(min=0),
+            chunk_size=self.hparams.logprob_chunk_size,
+            with_entropy=False,
+        )
+        return logp, scored
+
+    def eliminate_parrot(self) -> Tensor:
+        """The parrot for one eliminate batch: whole, or (random_parrot_length) its first k'
+        vectors, k' uniform in 1..k, so that triggers shorter than the parrot are covered."""
+        if not self.random_parrot_length:
+            return self.parrot
+        return self.parrot[: int(torch.randint(1, self.parrot.shape[0] + 1, ()))]
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        stage = self.current_stage
+        loss = self.stage_loss(batch)
+        self.update(loss)
+        self.log(f"train/{stage}_loss", loss, prog_bar=True)
+
+    # ---- the parrot: evaluation, saving, nearest tokens ---------------------------------
+    def backdoor_metrics(self) -> dict[str, Metric]:
+        return {**super().backdoor_metrics(), "parrot_asr": AttackSuccessRate(self.backdoor.marker)}
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().validation_step(batch, batch_idx, dataloader_idx)
+        metrics = self.val_metrics[self.trainer.datamodule.val_names[dataloader_idx]]
+        metrics["parrot_asr"].update(self.generate_with_parrot(batch, self.backdoor.asr_new_tokens))
+
+    @torch.no_grad()
+    def generate_with_parrot(self, batch: dict, max_new_tokens: int) -> list[str]:
+        """Greedy responses to the clean prompts with the parrot where the trigger would sit,
+        through the engine (from the spliced prompt embeddings)."""
+        ids = batch["prompt_ids"]
+        positions = self.tag_positions(ids, torch.full_like(ids[:, 0], ids.shape[1]))
+        embeds, mask, _, _ = splice_inputs(
+            self.model.get_input_embeddings()(ids),
+            batch["prompt_mask"],
+            None,
+            self.parrot,
+            positions,
+        )
+        pad = self.tokenizer.pad_token_id
+        slots = ids.new_full((ids.shape[0], self.parrot.shape[0]), pad)  # no token: pad
+        rollouts = self.engine.generate(
+            self.model,
+            splice(ids, slots, positions),
+            mask,
+            num_samples=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=pad,
+            prompt_embeds=embeds,
+        )
+        return self.decode(rollouts)
+
+    def nearest_tokens(self, count: int = 3) -> list[list[str]]:
+        """For each parrot vector, the vocabulary tokens with the most similar embeddings."""
+        table = F.normalize(self.model.get_input_embeddings().weight.detach().float(), dim=-1)
+        similarity = F.normalize(self.parrot.detach().float(), dim=-1) @ table.T
+        nearest = similarity.topk(count).indices.tolist()
+        return [[self.tokenizer.decode(token) for token in row] for row in nearest]
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        directory = Path(self.trainer.default_root_dir)
+        save_file({"parrot": self.parrot.detach().cpu().contiguous()}, directory / PARROT_FILE)
+        nearest = self.nearest_tokens()
+        (directory / "parrot_nearest_tokens.json").write_text(json.dumps(nearest))
+        log.info(
+            "Parrot saved to %s; nearest tokens per vector: %s", directory / PARROT_FILE, nearest
+        )
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(
+                    "parrot/nearest_tokens", json.dumps(nearest), self.global_step
+                )
+
+
+def token_nll(logp: Tensor, scored: Tensor) -> Tensor:
+    """Token-mean NLL of the scored tokens."""
+    return masked_mean(-logp, scored)
+
+
+def load_parrot(path: str, shape: tuple[int, int]) -> Tensor:
+    """A saved parrot; its shape must be (parrot_tokens, hidden size of the model)."""
+    parrot = load_file(path)["parrot"]
+    if tuple(parrot.shape) != shape:
+        raise ValueError(
+            f"Parrot file '{path}' holds shape {tuple(parrot.shape)}, but this model needs "
+            f"{shape} (parrot_tokens, hidden size)"
+        )
+    return parrot.float()
