@@ -103,7 +103,11 @@ def test_sande_p_loss_uses_only_the_known_words(tokenizer, batch) -> None:
         known.parrot.normal_()
         full.parrot.copy_(known.parrot)
         partial_loss, full_loss = known.simulate_loss(batch), full.simulate_loss(batch)
-        embeds, mask, labels = known.stand_in_inputs(known.with_marker(batch), known.parrot)
+        ids, mask, labels, slots = known.stand_in_inputs(
+            known.with_marker(batch), known.parrot.shape[0]
+        )
+        parrots = known.parrot.expand(len(ids), -1, -1)
+        embeds = known.model.get_input_embeddings()(ids).masked_scatter(slots[..., None], parrots)
         logits = known.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask)
         ).logits  # the naive reference: every position's logits
@@ -219,7 +223,7 @@ def test_random_parrot_length_splices_prefixes_of_the_parrot(tokenizer, batch) -
 def test_parrot_generation_goes_through_the_engine(tokenizer, batch) -> None:
     """SANDE's parrot ASR decodes from the spliced embeddings via the rollout engine, as
     `generate(inputs_embeds=...)` on the model would."""
-    from osftkit.backdoor.splice import splice_inputs
+    from osftkit.backdoor.splice import splice
 
     module = _module(SANDEModule, tokenizer, parrot_init="random")
     seen = {}
@@ -233,13 +237,10 @@ def test_parrot_generation_goes_through_the_engine(tokenizer, batch) -> None:
     texts = module.generate_with_parrot(batch, max_new_tokens=4)
     ids = batch["prompt_ids"]
     positions = module.tag_positions(ids, torch.full_like(ids[:, 0], ids.shape[1]))
-    embeds, mask, _, _ = splice_inputs(
-        module.model.get_input_embeddings()(ids),
-        batch["prompt_mask"],
-        None,
-        module.parrot,
-        positions,
-    )
+    table = module.model.get_input_embeddings().weight
+    k = module.parrot.shape[0]
+    embeds = splice(table[ids], module.parrot.expand(len(ids), -1, -1), positions)
+    mask = splice(batch["prompt_mask"], torch.ones(len(ids), k, dtype=torch.long), positions)
     assert torch.equal(seen["prompt_embeds"], embeds) and seen["temperature"] == 0.0
     assert seen["ids"].shape == mask.shape
     with torch.no_grad():

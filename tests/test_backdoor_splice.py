@@ -9,7 +9,8 @@ from osftkit.backdoor.splice import (
     positions_after,
     response_starts,
     splice,
-    splice_inputs,
+    splice_slots,
+    vectors_at_slots,
 )
 
 PAD, TAG, PARROT = 0, [5, 6], -1
@@ -30,29 +31,34 @@ def test_splice_inserts_at_each_rows_position() -> None:
     assert out.tolist() == [[0, 90, 91, 1, 2, 3], [4, 5, 6, 7, 92, 93]]
 
 
-def test_parrot_splice_keeps_labels_aligned() -> None:
+def test_parrot_slots_keep_labels_aligned_and_take_the_parrot_in_the_forward() -> None:
     ids, mask, labels = _batch()
     k, dim = 3, 4
-    table = torch.randn(30, dim)
-    parrot = torch.randn(k, dim)
+    embedding = torch.nn.Embedding(30, dim)
+    slot_id = 29  # a placeholder id outside the batch's tokens
+    parrot = torch.randn(k, dim, requires_grad=True)
     positions = positions_after(ids, TAG, response_starts(labels), "role tag")
     assert positions.tolist() == [4, 2]
-    embeds, new_mask, new_labels, position_ids = splice_inputs(
-        table[ids], mask, labels, parrot, positions
-    )
-    assert embeds.shape == (2, 8 + k, dim) and new_labels.shape == (2, 8 + k)
-    spliced_ids = splice(ids, torch.full((2, k), PARROT), positions)
+    new_ids, new_mask, new_labels, slots = splice_slots(ids, mask, labels, k, positions, slot_id)
+    assert new_ids.shape == new_labels.shape == slots.shape == (2, 8 + k)
+    with vectors_at_slots(embedding, slots, parrot):
+        embeds = embedding(new_ids)
+        assert embedding(ids).shape == (2, 8, dim)  # another shape (a decoding step): untouched
+    spliced_ids = splice(ids, torch.full((2, k), slot_id), positions)
+    assert torch.equal(new_ids, spliced_ids)
     for row in range(2):
         at = positions[row].item()
         assert torch.equal(embeds[row, at : at + k], parrot)
-        real = spliced_ids[row] != PARROT
-        assert torch.equal(embeds[row, real], table[spliced_ids[row, real]])
+        assert slots[row].nonzero().flatten().tolist() == list(range(at, at + k))
+        real = ~slots[row]
+        assert torch.equal(embeds[row, real], embedding.weight[spliced_ids[row, real]])
     supervised = new_labels != IGNORE_INDEX
     assert torch.equal(new_labels[supervised], spliced_ids[supervised])
-    assert (new_labels[spliced_ids == PARROT] == IGNORE_INDEX).all()
+    assert (new_labels[slots] == IGNORE_INDEX).all()
     assert new_mask.tolist()[0] == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-    assert position_ids.tolist()[1] == list(range(11))
-    assert position_ids[0, 2:].tolist() == list(range(9))
+    embeds.sum().backward()
+    assert torch.equal(parrot.grad, torch.full((k, dim), 2.0))  # both rows reach the parrot
+    assert torch.equal(embedding(new_ids), embedding.weight[new_ids])  # the hook is gone
 
 
 def test_first_targets_keeps_the_first_supervised_tokens() -> None:

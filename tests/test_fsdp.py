@@ -15,6 +15,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from osftkit.hardware import (
     FSDP2Strategy,
+    average_gradients_outside_fsdp,
     check_master_weights,
     consolidated_state_dict,
     gathered_weights,
@@ -29,9 +30,9 @@ from osftkit.rollout import HFGenerateEngine
 from tests.conftest import FAST, cli, compose_config
 
 WORLD = 2
-SANDE = ["model=tiny", "data=instructions", "data.train.size=64", "data.val.instructions.size=8",
-         "data.val_batch_size=8", "callbacks.progress_bar=null", "method.simulate_steps=1",
-         "validation.n_samples=1", "validation.ks=[1]"]  # fmt: skip
+BACKDOOR = ["model=tiny", "data=instructions", "data.train.size=64",
+            "data.val.instructions.size=8", "data.val_batch_size=8", "callbacks.progress_bar=null",
+            "validation.n_samples=1", "validation.ks=[1]"]  # fmt: skip
 PROMPTS = ["12+7=", "3+4=", "40+2=", "9+9="]  # two per rank
 
 
@@ -203,6 +204,26 @@ def test_two_rank_fsdp2_training_equals_one_process_on_the_same_global_batch(tmp
     assert results[0]["greedy"] == results[1]["greedy"] == greedy_ids(model, tokenizer)
 
 
+def averaging_worker(rank: int, tmp_path: Path, directory: str) -> dict:
+    model, _ = sharded(directory)
+    parrot = torch.nn.Parameter(torch.zeros(3))
+    parrot.grad = torch.full((3,), float(rank + 1))  # ranks disagree: 1 and 2
+    weight = model.get_output_embeddings().weight
+    weight.grad = weight.detach().clone()  # a sharded gradient (a DTensor): left alone
+    before = weight.grad.to_local().clone()
+    average_gradients_outside_fsdp([parrot, weight])
+    return {
+        "parrot": parrot.grad.tolist(),
+        "dtensor_untouched": torch.equal(weight.grad.to_local(), before),
+    }
+
+
+def test_gradients_outside_the_sharded_model_are_averaged_over_ranks(tmp_path):
+    results = spawn(averaging_worker, tmp_path, tiny_dir(tmp_path))
+    for result in results:
+        assert result["parrot"] == [1.5, 1.5, 1.5] and result["dtensor_untouched"]
+
+
 def test_training_bf16_weights_without_an_fp32_copy_fails_at_start(tiny_lm):
     check_master_weights(p for p in tiny_lm.model.parameters())  # fp32: fine
     bf16 = [torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)]
@@ -261,11 +282,21 @@ def test_fsdp_sim_runs_each_method(tmp_path, method):
 
 
 @pytest.mark.slow
-def test_fsdp_sim_refuses_sande_whose_parrot_it_would_not_average(tmp_path):
-    result = cli(*SANDE, "method=sande", "hardware=fsdp_sim", "trainer.max_steps=2",
+@pytest.mark.parametrize(
+    ("method", "extra"), [("sande", ["method.simulate_steps=1"]), ("overwrite_sft", [])]
+)
+def test_fsdp_sim_runs_the_backdoor_removals(tmp_path, method, extra):
+    """SANDE's parrot is spliced inside the model's forward (where FSDP2 has gathered the
+    embeddings) and its gradient averaged over the ranks; Overwrite SFT inserts the trigger
+    as text."""
+    steps = ["trainer.max_steps=3", "trainer.val_check_interval=3"]
+    result = cli(*BACKDOOR, f"method={method}", *extra, "hardware=fsdp_sim", *steps,
                  tmp_path=tmp_path)  # fmt: skip
-    assert result.returncode != 0
-    assert "hardware=fsdp shards the model only, but SANDEModule also trains" in result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "distributed_backend=gloo" in output and "val/asr_greedy" in output
+    if method == "sande":
+        assert "val/parrot_asr" in output and list(tmp_path.rglob("parrot.safetensors"))
 
 
 def test_a_kill_between_the_two_renames_of_a_swap_still_resumes(fast_cfg, tmp_path):
@@ -283,3 +314,22 @@ def test_a_lora_export_under_fsdp_is_refused_before_training(fast_cfg, tmp_path)
     cfg = fast_cfg("method=sft", "hardware=fsdp_sim", lora, f"export_dir={tmp_path / 'e'}")
     with pytest.raises(ValueError, match="export_dir with model.lora under hardware=fsdp"):
         run(cfg)
+
+
+def lookup_worker(rank: int, tmp_path: Path, directory: str) -> dict:
+    model, _ = sharded(directory)
+    ids = torch.tensor([[1, 2, 3]])
+    try:
+        model.get_input_embeddings()(ids)
+        message = ""
+    except ValueError as error:
+        message = str(error)
+    with gathered_weights(model):
+        shape = list(model.get_input_embeddings()(ids).shape)
+    return {"message": message, "gathered_shape": shape}
+
+
+def test_a_sharded_embedding_lookup_outside_the_forward_says_what_to_do(tmp_path):
+    for result in spawn(lookup_worker, tmp_path, tiny_dir(tmp_path)):
+        assert "called outside the model's forward" in result["message"]
+        assert "gathered_weights" in result["message"] and result["gathered_shape"][:2] == [1, 3]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -118,8 +119,9 @@ def refuse_sharded_lookup(embedding: nn.Module, args: tuple) -> None:
     if isinstance(embedding.weight, DTensor):
         raise ValueError(
             "hardware=fsdp: the input embeddings were called outside the model's forward, where "
-            "FSDP2 keeps them sharded (an embedding splice, as in the backdoor methods, does "
-            "this); run this method with hardware=ddp or gpu"
+            "FSDP2 keeps them sharded: look them up inside the forward (a forward hook, as "
+            "osftkit.backdoor.splice.vectors_at_slots does) or inside "
+            "osftkit.hardware.gathered_weights(model)"
         )
 
 
@@ -164,6 +166,16 @@ def gathered_weights(model: nn.Module) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+def average_gradients_outside_fsdp(parameters: Iterable[torch.Tensor]) -> None:
+    """Average over the ranks the gradients that FSDP2 does not reduce (those that are not
+    DTensors: tensors trained beside the sharded modules). Every rank calls it."""
+    world = dist.get_world_size()
+    for parameter in parameters:
+        if parameter.grad is not None and not isinstance(parameter.grad, DTensor):
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world
 
 
 def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

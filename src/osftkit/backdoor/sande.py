@@ -21,10 +21,11 @@ from osftkit.backdoor.splice import (
     IGNORE_INDEX,
     first_targets,
     response_starts,
-    splice,
-    splice_inputs,
+    splice_slots,
+    vectors_at_slots,
 )
 from osftkit.data.datamodule import sft_tensors
+from osftkit.hardware import check_master_weights, gathered_weights
 from osftkit.methods.losses import masked_mean
 from osftkit.models.logprobs import next_token_distribution, token_logprobs
 
@@ -113,7 +114,8 @@ class SANDEModule(BackdoorEvalModule):
             warmup_ratio,
         )
         self.eliminate_loss_tokens = eliminate_loss_tokens
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # By name: FSDP2 replaces the parameters when it shards the model after __init__.
+        self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         shape = (parrot_tokens, self.model.get_input_embeddings().weight.shape[1])
         self.parrot = nn.Parameter(
             load_parrot(parrot_path, shape)
@@ -152,6 +154,11 @@ class SANDEModule(BackdoorEvalModule):
         ]
 
     @property
+    def trainable(self) -> list[nn.Parameter]:
+        """The model's parameters that the eliminate stage trains (LoRA's, or all)."""
+        return [p for n, p in self.model.named_parameters() if n in self.trainable_names]
+
+    @property
     def current_stage(self) -> str:
         if self.stage != "both":
             return self.stage
@@ -165,6 +172,7 @@ class SANDEModule(BackdoorEvalModule):
                 f"SANDE needs trainer.max_steps > simulate_steps ({self.simulate_steps}) "
                 f"for stage=both, and a positive max_steps otherwise"
             )
+        check_master_weights([*self.trainable, self.parrot])
         optimizer = self.optimizer_factory(params=self.trainable)
         optimizer.add_param_group(
             {
@@ -226,38 +234,37 @@ class SANDEModule(BackdoorEvalModule):
         target = self.with_marker(batch)
         if not len(self.known_word_ids):
             return token_nll(*self.stand_in_logprobs(target, self.parrot))
-        embeds, mask, labels = self.stand_in_inputs(target, self.parrot)
+        ids, mask, labels, slots = self.stand_in_inputs(target, self.parrot.shape[0])
         # The position that predicts the first response token: the only distribution needed.
         opening = torch.zeros_like(mask, dtype=torch.bool)
         opening[torch.arange(len(labels), device=labels.device), response_starts(labels) - 1] = True
-        log_probs = next_token_distribution(self.model, mask, opening, inputs_embeds=embeds)
+        with vectors_at_slots(self.model.get_input_embeddings(), slots, self.parrot):
+            log_probs = next_token_distribution(self.model, mask, opening, input_ids=ids)
         return -log_probs[:, self.known_word_ids].logsumexp(-1).mean()
 
-    def stand_in_inputs(self, batch: dict, stand_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Embeddings and attention mask of (prompt with `stand_in` after the role tag ->
-        response), and the labels realigned to them (the stand-in slots are never supervised)."""
+    def stand_in_inputs(self, batch: dict, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(prompt with `count` stand-in slots after the role tag -> response): token ids, mask,
+        labels realigned to them (the slots are never supervised) and the slots."""
         ids, labels = batch["input_ids"], batch["labels"]
         positions = self.tag_positions(ids, response_starts(labels))
-        embeds = self.model.get_input_embeddings()(ids)
-        embeds, mask, labels, _ = splice_inputs(
-            embeds, batch["attention_mask"], labels, stand_in, positions
+        return splice_slots(
+            ids, batch["attention_mask"], labels, count, positions, self.tokenizer.pad_token_id
         )
-        return embeds, mask, labels
 
     def stand_in_logprobs(self, batch: dict, stand_in: Tensor) -> tuple[Tensor, Tensor]:
         """log p of the labelled response tokens with `stand_in` spliced in (the one log-prob
         path), and the mask of those tokens."""
-        embeds, mask, labels = self.stand_in_inputs(batch, stand_in)
+        ids, mask, labels, slots = self.stand_in_inputs(batch, stand_in.shape[0])
         scored = labels[:, 1:] != IGNORE_INDEX
-        logp, _ = token_logprobs(
-            self.model,
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            score_mask=scored,
-            targets=labels.clamp(min=0),
-            chunk_size=self.hparams.logprob_chunk_size,
-            with_entropy=False,
-        )
+        with vectors_at_slots(self.model.get_input_embeddings(), slots, stand_in):
+            logp, _ = token_logprobs(
+                self.model,
+                input_ids=ids,
+                attention_mask=mask,
+                score_mask=scored,
+                chunk_size=self.hparams.logprob_chunk_size,
+                with_entropy=False,
+            )
         return logp, scored
 
     def eliminate_parrot(self) -> Tensor:
@@ -285,30 +292,29 @@ class SANDEModule(BackdoorEvalModule):
     @torch.no_grad()
     def generate_with_parrot(self, batch: dict, max_new_tokens: int) -> list[str]:
         """Greedy responses to the clean prompts with the parrot where the trigger would sit,
-        through the engine (from the spliced prompt embeddings)."""
+        through the engine, from the spliced prompt embeddings (a sharded model is gathered)."""
         ids = batch["prompt_ids"]
         positions = self.tag_positions(ids, torch.full_like(ids[:, 0], ids.shape[1]))
-        embeds, mask, _, _ = splice_inputs(
-            self.model.get_input_embeddings()(ids),
-            batch["prompt_mask"],
-            None,
-            self.parrot,
-            positions,
-        )
         pad = self.tokenizer.pad_token_id
-        slots = ids.new_full((ids.shape[0], self.parrot.shape[0]), pad)  # no token: pad
-        rollouts = self.engine.generate(
-            self.model,
-            splice(ids, slots, positions),
-            mask,
-            num_samples=1,
-            temperature=0.0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=pad,
-            prompt_embeds=embeds,
+        ids, mask, _, slots = splice_slots(
+            ids, batch["prompt_mask"], None, self.parrot.shape[0], positions, pad
         )
+        embedding = self.model.get_input_embeddings()
+        with gathered_weights(self.model):
+            with vectors_at_slots(embedding, slots, self.parrot):
+                embeds = embedding(ids)
+            rollouts = self.engine.generate(
+                self.model,
+                ids,
+                mask,
+                num_samples=1,
+                temperature=0.0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=pad,
+                prompt_embeds=embeds,
+            )
         return self.decode(rollouts)
 
     def nearest_tokens(self, count: int = 3) -> list[list[str]]:
@@ -319,11 +325,12 @@ class SANDEModule(BackdoorEvalModule):
         return [[self.tokenizer.decode(token) for token in row] for row in nearest]
 
     def on_train_end(self) -> None:
+        with gathered_weights(self.model):  # every rank: a sharded table is gathered first
+            nearest = self.nearest_tokens()
         if not self.trainer.is_global_zero:
             return
         directory = Path(self.trainer.default_root_dir)
         save_file({"parrot": self.parrot.detach().cpu().contiguous()}, directory / PARROT_FILE)
-        nearest = self.nearest_tokens()
         (directory / "parrot_nearest_tokens.json").write_text(json.dumps(nearest))
         log.info(
             "Parrot saved to %s; nearest tokens per vector: %s", directory / PARROT_FILE, nearest

@@ -1,9 +1,10 @@
 """The embedding splice: put a stand-in for the trigger (the parrot) into a batch's inputs."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 IGNORE_INDEX = -100
 
@@ -55,18 +56,39 @@ def first_targets(labels: Tensor, count: int) -> Tensor:
     return labels.masked_fill(~keep, IGNORE_INDEX)
 
 
-def splice_inputs(
-    embeds: Tensor, mask: Tensor, labels: Tensor | None, insert: Tensor, positions: Tensor
+def splice_slots(
+    ids: Tensor, mask: Tensor, labels: Tensor | None, count: int, positions: Tensor, pad_id: int
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Splice `insert` (k, D) into every row's embeddings at `positions`.
-
-    The inserted slots are attended to and never supervised; returns embeddings, attention
-    mask, labels and position ids (counted over attended tokens, so left padding is fine).
-    """
-    batch, k = embeds.shape[0], insert.shape[0]
-    embeds = splice(embeds, insert.expand(batch, -1, -1), positions)
-    mask = splice(mask, mask.new_ones(batch, k), positions)
+    """`count` placeholder slots spliced into every row before `positions[b]`: token ids (pad
+    there), attention mask (the slots are attended to), labels (never supervised there) and the
+    (B, T + count) boolean mask of the slots, where `vectors_at_slots` puts the stand-in."""
+    batch = ids.shape[0]
+    slots = splice(
+        torch.zeros_like(ids, dtype=torch.bool),
+        torch.ones(batch, count, dtype=torch.bool, device=ids.device),
+        positions,
+    )
+    ids = splice(ids, ids.new_full((batch, count), pad_id), positions)
+    mask = splice(mask, mask.new_ones(batch, count), positions)
     if labels is not None:
-        labels = splice(labels, labels.new_full((batch, k), IGNORE_INDEX), positions)
-    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-    return embeds, mask, labels, position_ids
+        labels = splice(labels, labels.new_full((batch, count), IGNORE_INDEX), positions)
+    return ids, mask, labels, slots
+
+
+@contextmanager
+def vectors_at_slots(embedding: nn.Module, slots: Tensor, vectors: Tensor) -> Iterator[None]:
+    """Inside, the input embedding layer returns `vectors` (k, D) at the `slots` (B, T) of each
+    row. The splice happens in the model's own forward, where FSDP2 has gathered the embedding
+    weights, and gradients reach `vectors`. Calls of another shape (decoding steps) pass."""
+
+    def put_vectors(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
+        if output.shape[:2] != slots.shape:
+            return output
+        source = vectors.to(output.dtype).expand(slots.shape[0], -1, -1)
+        return output.masked_scatter(slots[..., None], source)
+
+    hook = embedding.register_forward_hook(put_vectors)
+    try:
+        yield
+    finally:
+        hook.remove()

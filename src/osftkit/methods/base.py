@@ -15,7 +15,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from osftkit.checkpointing import restore_rng_states, rng_states
-from osftkit.hardware import FSDP2Strategy, check_master_weights, gathered_weights
+from osftkit.hardware import (
+    FSDP2Strategy,
+    average_gradients_outside_fsdp,
+    check_master_weights,
+    gathered_weights,
+)
 from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_weights
 from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
 from osftkit.metrics import PassAtK
@@ -89,17 +94,9 @@ class CausalLMModule(LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if not isinstance(strategy, FSDP2Strategy):
             return
-        sharded = [m for m in (self.model, getattr(self, "reference", None)) if m is not None]
-        outside = {id(p) for p in self.parameters() if p.requires_grad} - {
-            id(p) for m in sharded for p in m.parameters()
-        }
-        if outside:  # FSDP2 averages only the gradients of the modules it shards
-            raise ValueError(
-                f"hardware=fsdp shards the model only, but {type(self).__name__} also trains "
-                f"{len(outside)} tensor(s) outside it (e.g. a parrot); use hardware=ddp or gpu"
-            )
-        for module in sharded:
-            strategy.shard(module)
+        for module in (self.model, getattr(self, "reference", None)):
+            if module is not None:
+                strategy.shard(module)
 
     # ---- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -145,11 +142,18 @@ class CausalLMModule(LightningModule):
                     f"valid."
                 )
             self.manual_backward(loss)
+        self.average_unsharded_gradients()
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         self.lr_schedulers().step()
+
+    def average_unsharded_gradients(self) -> None:
+        """FSDP2 averages the gradients of the modules it shards; a tensor trained beside them
+        (SANDE's parrot) is averaged over the ranks here. (DDP wraps the whole module.)"""
+        if isinstance(self.trainer.strategy, FSDP2Strategy) and self.trainer.world_size > 1:
+            average_gradients_outside_fsdp(self.parameters())
 
     def train_on(
         self,
