@@ -3,7 +3,13 @@
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AGGREGATIONS = ("token_mean", "sequence_mean")
+# verl's names; `token_mean` and `sequence_mean` are the kit's earlier spellings.
+AGGREGATIONS = (
+    "token_mean",
+    "token-mean",
+    "sequence_mean",
+    "seq-mean-token-sum-norm",
+)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -12,9 +18,14 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 
 def next_token_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """log p(x_{t+1} | x_<=t) with logits divided by `temperature`, and the entropy at each t.
+    """log p(x_{t+1} | x_<=t) with logits divided by `temperature`, and the entropy at each t
+    (detached unless `entropy_grad`: only entropy minimisation trains on it).
 
     Both have shape (N, T - 1): position t scores token t + 1.
     """
@@ -29,15 +40,30 @@ def next_token_logprobs(
     log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
     chosen = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return chosen, entropy.detach()
+    return chosen, entropy if entropy_grad else entropy.detach()
 
 
-def masked_mean(values: Tensor, mask: Tensor, aggregation: str = "token_mean") -> Tensor:
-    """Mean over masked tokens: of all tokens together, or per sequence then over sequences."""
+def masked_mean(
+    values: Tensor,
+    mask: Tensor,
+    aggregation: str = "token_mean",
+    constant_normaliser: int | None = None,
+) -> Tensor:
+    """Aggregate masked token values: the mean of all tokens together (`token_mean`, alias
+    `token-mean`), per sequence then over sequences (`sequence_mean`), or each sequence's token
+    SUM divided by `constant_normaliser` (the maximum response length), then the mean over
+    sequences (`seq-mean-token-sum-norm`: no length bias, Dr. GRPO)."""
     mask = mask.to(values.dtype)
-    if aggregation == "token_mean":
+    if aggregation in ("token_mean", "token-mean"):
         return (values * mask).sum() / mask.sum().clamp(min=1)
     if aggregation == "sequence_mean":
         per_sequence = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         return per_sequence.mean()
+    if aggregation == "seq-mean-token-sum-norm":
+        if not constant_normaliser or constant_normaliser < 1:
+            raise ValueError(
+                "loss aggregation 'seq-mean-token-sum-norm' needs constant_normaliser >= 1 "
+                f"(the maximum response length), got {constant_normaliser}"
+            )
+        return ((values * mask).sum(dim=1) / constant_normaliser).mean()
     raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got '{aggregation}'")

@@ -4,7 +4,6 @@ from typing import Any
 
 from torch import Tensor
 
-from osftkit.methods.losses import masked_mean
 from osftkit.methods.rollout_module import RolloutModule, annealed
 from osftkit.rollout import Rollouts
 
@@ -47,4 +46,4 @@ class OSFTModule(RolloutModule):
         return {}
 
     def policy_loss(self, rollouts: Rollouts, logp: Tensor, extras: dict[str, Tensor]) -> Tensor:
-        return masked_mean(-logp, rollouts.loss_mask, self.hparams.loss_aggregation)
+        return self.aggregate(-logp, rollouts.loss_mask)

@@ -19,6 +19,8 @@ class RolloutModule(CausalLMModule):
     """Each training step: `rollout(batch)` from the current policy, `prepare` (rewards etc.),
     then `num_minibatches` optimiser steps, each on `policy_loss` of one mini-batch."""
 
+    entropy_grad = False  # True when the loss trains on the token entropy (EM-FT)
+
     def __init__(
         self,
         *,
@@ -78,7 +80,13 @@ class RolloutModule(CausalLMModule):
         return {}
 
     def policy_loss(self, rollouts: Rollouts, logp: Tensor, extras: dict[str, Tensor]) -> Tensor:
+        """The loss of one mini-batch; `extras` holds `prepare`'s rows and the token `entropy`."""
         raise NotImplementedError
+
+    def aggregate(self, values: Tensor, mask: Tensor) -> Tensor:
+        """`loss_aggregation` of token values; the constant normaliser is max_new_tokens."""
+        h = self.hparams
+        return masked_mean(values, mask, h.loss_aggregation, constant_normaliser=h.max_new_tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         batches_per_epoch = max(self.trainer.num_training_batches, 1)
@@ -102,11 +110,15 @@ class RolloutModule(CausalLMModule):
 
     def minibatch_loss(self, chunk: Rollouts, extras: dict[str, Tensor]) -> Tensor:
         logp, entropy = next_token_logprobs(
-            self.model, chunk.sequences, chunk.attention_mask, self.training_temperature
+            self.model,
+            chunk.sequences,
+            chunk.attention_mask,
+            self.training_temperature,
+            entropy_grad=self.entropy_grad,
         )
         mask = chunk.loss_mask
-        loss = self.policy_loss(chunk, logp, extras)
-        self.log("train/entropy", masked_mean(entropy, mask))
+        loss = self.policy_loss(chunk, logp, {**extras, "entropy": entropy})
+        self.log("train/entropy", masked_mean(entropy.detach(), mask))
         if self.reference is not None:
             kl = self.kl_to_reference(chunk, logp)
             self.log("train/kl", kl)
@@ -129,9 +141,7 @@ class RolloutModule(CausalLMModule):
                 self.reference, chunk.sequences, chunk.attention_mask, self.training_temperature
             )
         log_ratio = ref_logp - logp
-        return masked_mean(
-            torch.exp(log_ratio) - log_ratio - 1, chunk.loss_mask, self.hparams.loss_aggregation
-        )
+        return self.aggregate(torch.exp(log_ratio) - log_ratio - 1, chunk.loss_mask)
 
 
 def annealed(start: float, end: float, progress: float, schedule: str) -> float:
