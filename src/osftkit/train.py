@@ -1,4 +1,5 @@
-"""run(cfg): build missing bases -> seed -> model -> data -> method -> callbacks -> loggers -> Trainer -> fit -> report."""
+"""run(cfg): build missing bases -> seed -> model -> data -> method -> callbacks -> loggers ->
+Trainer -> fit -> report."""
 
 import logging
 import os
