@@ -287,15 +287,17 @@ def test_offline_set_is_generated_once_and_reused_across_resume(fast_cfg, tmp_pa
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     frozen = saved["offline_set"]
-    assert 1 <= len(frozen) <= 16 and all(len(entry["ids"]) == 1 for entry in frozen.values())
-    generated = sum(len(ids) for entry in frozen.values() for ids in entry["ids"])
-    assert int(saved["state_dict"]["tokens_generated"]) == generated
+    assert 1 <= len(frozen["problems"]) <= 16 and len(frozen["lengths"]) == len(frozen["problems"])
+    assert len(frozen["response_tokens"]) == int(frozen["lengths"].sum())
+    assert int(saved["state_dict"]["tokens_generated"]) == int(frozen["lengths"].sum())
 
     calls.clear()
     run(fast_cfg(*overrides, f"ckpt_path={last}", "trainer.max_steps=5"))
     assert [tau for _, tau in calls if tau == 0.6] == []  # the resumed run reuses the set
     resumed = torch.load(last, weights_only=True)
-    assert resumed["global_step"] == 5 and resumed["offline_set"] == frozen
+    assert resumed["global_step"] == 5 and resumed["offline_set"]["problems"] == frozen["problems"]
+    for key in ("response_tokens", "lengths", "truncated"):
+        assert torch.equal(resumed["offline_set"][key], frozen[key])
 
 
 # ---- a first run that builds its base equals one that finds it ------------------------------
