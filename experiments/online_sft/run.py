@@ -45,9 +45,14 @@ class Arm:
     paper: str = "-"
 
 
-# The two arms that generate 8x OSFT's tokens per step stop at 100 steps on CPU: read them at
-# equal generated tokens (the table's matched column and the middle plot), not at equal steps.
-HALF_BUDGET = ("trainer.max_steps=100", "trainer.val_check_interval=25")
+# The arms that generate more per step than OSFT (G x prompts > 64) stop once they have
+# generated OSFT's 200 x 64 = 12,800 responses (the 8x arms: 24 x 512 = 12,288), so that on
+# 2 CPU cores every row gets the same generation budget: compare them at equal tokens.
+EQUAL_TOKENS = {
+    128: ("trainer.max_steps=100", "trainer.val_check_interval=25"),  # 16 prompts x G = 8
+    256: ("trainer.max_steps=50", "trainer.val_check_interval=25"),  # 64 prompts x G = 4
+    512: ("trainer.max_steps=24", "trainer.val_check_interval=8"),  # 64 prompts x G = 8
+}
 # The paper's numbers: mean pass@1 (%) over six benchmarks on Qwen2.5-Math-7B (the revision).
 ARMS = {
     OSFT: Arm(("experiment=osft_arith",), paper="39.5 (annealed, 3 epochs)"),
@@ -69,16 +74,18 @@ ARMS = {
         ("experiment=em_ft_arith",), paper="51.3 (OSFT 55.0, Fig. 3's own average)"
     ),
     "OSFT tau_s annealed 0.6 -> 1": Arm(("experiment=osft_anneal_arith",), paper="39.5"),
-    "Dr. GRPO (G = 8)": Arm(("experiment=dr_grpo_arith",), few_seeds=True),
-    "DAPO (G = 8)": Arm(("experiment=dapo_arith",), few_seeds=True),
+    "Dr. GRPO (G = 8)": Arm(("experiment=dr_grpo_arith", *EQUAL_TOKENS[128]), few_seeds=True),
+    "DAPO (G = 8)": Arm(("experiment=dapo_arith", *EQUAL_TOKENS[128]), few_seeds=True),
     "OSFT G = 4 (64 prompts)": Arm(
-        ("experiment=osft_g4_arith",), few_seeds=True, paper="above the base (Fig. 5)"
+        ("experiment=osft_g4_arith", *EQUAL_TOKENS[256]),
+        few_seeds=True,
+        paper="above the base (Fig. 5)",
     ),
     "GRPO G = 8 on OSFT's 64 prompts": Arm(
-        ("experiment=grpo_64x8_arith", *HALF_BUDGET), few_seeds=True, paper="43.8"
+        ("experiment=grpo_64x8_arith", *EQUAL_TOKENS[512]), few_seeds=True, paper="43.8"
     ),
     "OSFT G = 8 (64 prompts)": Arm(
-        ("experiment=osft_g8_arith", *HALF_BUDGET),
+        ("experiment=osft_g8_arith", *EQUAL_TOKENS[512]),
         few_seeds=True,
         paper="highest peak of G (Fig. 5)",
     ),
@@ -194,14 +201,14 @@ def mean_std(values: list[float]) -> str:
 def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
     budget = np.mean([r["tokens"] for r in results[OSFT]]) if OSFT in results else 0.0
     lines = [
-        f"| run | seeds | pass@1 (tau_eval 1) | greedy acc | pass@8 | wall s | tokens generated "
-        f"| pass@1 at {budget / 1e3:,.0f}k tokens | paper pass@1 (%) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | seeds | steps | pass@1 (tau_eval 1) | greedy acc | pass@8 | wall s "
+        f"| tokens generated | pass@1 at {budget / 1e3:,.0f}k tokens | paper pass@1 (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in bases.items():
         paper = "22.7" if name.startswith("base at its best") else "-"
         lines.append(
-            f"| {name} | - | {row['val/pass@1']:.3f} | {row['val/greedy_acc']:.3f} | "
+            f"| {name} | - | - | {row['val/pass@1']:.3f} | {row['val/greedy_acc']:.3f} | "
             f"{row['val/pass@8']:.3f} | - | - | - | {paper} |"
         )
     for name, rows in results.items():
@@ -209,9 +216,10 @@ def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
         wall, tokens = np.mean([r["wall_s"] for r in rows]), np.mean([r["tokens"] for r in rows])
         matched = at_tokens(mean_curve(rows, start_of(name, bases)), budget)
         paper = ARMS[name].paper if name in ARMS else "-"
+        steps = rows[0]["curve"][-1][0] + 1 if rows[0].get("curve") else 200  # old rows: 200
         lines.append(
-            f"| {name} | {len(rows)} | {' | '.join(cells)} | {wall:.0f} | {tokens:,.0f} | "
-            f"{matched} | {paper} |"
+            f"| {name} | {len(rows)} | {steps} | {' | '.join(cells)} | {wall:.0f} "
+            f"| {tokens:,.0f} | {matched} | {paper} |"
         )
     return "\n".join(lines)
 
