@@ -111,7 +111,8 @@ class GRPOModule(RolloutModule):
 
     def refill(self, rollouts: Rollouts, batch: dict) -> Rollouts:
         """Keep the groups whose rewards differ; generate from further prompts until there are
-        as many as the batch had. `batch` is updated in place to the kept prompts."""
+        as many as the batch had. `batch`'s answers and problems are replaced in place by those
+        of the kept prompts, which `prepare` scores."""
         wanted, group = len(batch["answer"]), rollouts.group_size
         parts, answers, problems = [], [], []
         first, source, generations = rollouts, batch, 1
