@@ -185,11 +185,17 @@ def mean_curve(rows: list[dict], start: dict) -> np.ndarray | None:
     return np.vstack([[0.0, start["val/pass@1"], 0.0, 0.0], mean])
 
 
-def at_tokens(curve: np.ndarray | None, budget: float) -> str:
-    """pass@1 interpolated at `budget` generated tokens ('-' beyond the arm's own tokens)."""
-    if curve is None or budget <= 0 or curve[-1, 2] < budget or curve[-1, 2] == 0:
+def at_tokens(rows: list[dict], curve: np.ndarray | None, budget: float) -> str:
+    """pass@1 at `budget` generated tokens, interpolated along the arm's curve; an arm that
+    generated within 5% of the budget is read at its end; '-' for one that generated far less
+    or far more without a recorded curve."""
+    tokens = float(np.mean([r["tokens"] for r in rows]))
+    if budget <= 0 or tokens < 0.95 * budget:
         return "-"
-    return f"{np.interp(budget, curve[:, 2], curve[:, 1]):.3f}"
+    if curve is None:
+        close = tokens <= 1.05 * budget
+        return f"{np.mean([r['val/pass@1'] for r in rows]):.3f}" if close else "-"
+    return f"{np.interp(min(budget, tokens), curve[:, 2], curve[:, 1]):.3f}"
 
 
 def mean_std(values: list[float]) -> str:
@@ -214,7 +220,7 @@ def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
     for name, rows in results.items():
         cells = [mean_std([r[k] for r in rows]) for k in COLUMNS]
         wall, tokens = np.mean([r["wall_s"] for r in rows]), np.mean([r["tokens"] for r in rows])
-        matched = at_tokens(mean_curve(rows, start_of(name, bases)), budget)
+        matched = at_tokens(rows, mean_curve(rows, start_of(name, bases)), budget)
         paper = ARMS[name].paper if name in ARMS else "-"
         steps = rows[0]["curve"][-1][0] + 1 if rows[0].get("curve") else 200  # old rows: 200
         lines.append(
