@@ -233,7 +233,7 @@ def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
 def plot_curves(results: dict[str, list[dict]], bases: dict[str, dict]) -> None:
     """pass@1 against optimiser steps, generated tokens and wall time, every arm. Arms whose
     rows predate the recorded curves are drawn as their final point (hollow marker)."""
-    figure, axes = plt.subplots(1, 3, figsize=(17, 5))
+    figure, axes = plt.subplots(1, 3, figsize=(20, 5))
     colours = plt.cm.tab20(np.linspace(0, 1, max(len(results), 2)))
     for colour, (name, rows) in zip(colours, results.items(), strict=False):
         start = start_of(name, bases)
@@ -254,7 +254,7 @@ def plot_curves(results: dict[str, list[dict]], bases: dict[str, dict]) -> None:
         axis.set_xlabel(label)
         axis.set_ylabel("val pass@1 (tau_eval 1)")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.tight_layout()
     figure.savefig(HERE / "pass1_curves.png", dpi=120)
 
