@@ -166,12 +166,12 @@ def test_grpo_clips_the_ratio():
         tokens.per_row["weights"] = masked_weights(tokens)
         return tokens
 
-    on_policy = module.policy_loss(part(old_logp=torch.zeros(4, 1)), logp)
+    on_policy = module.policy_loss(part(old_logp=torch.zeros(4, 1)), logp, None)
     (grad,) = torch.autograd.grad(on_policy, logp)
     assert torch.allclose(grad, torch.full_like(grad, -0.25))  # -A * d(ratio) / tokens
-    without_old = module.policy_loss(part(), logp)  # one update per batch
+    without_old = module.policy_loss(part(), logp, None)  # one update per batch
     (grad,) = torch.autograd.grad(without_old, logp)
     assert torch.allclose(grad, torch.full_like(grad, -0.25))
-    stale = module.policy_loss(part(old_logp=torch.full((4, 1), -1.0)), logp)
+    stale = module.policy_loss(part(old_logp=torch.full((4, 1), -1.0)), logp, None)
     (grad,) = torch.autograd.grad(stale, logp)
     assert grad.abs().max() == 0  # ratio e^1 > 1.2 with A > 0: clipped, no gradient

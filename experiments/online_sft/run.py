@@ -1,17 +1,21 @@
 """The Online SFT study on the offline arithmetic task (see README.md beside this file).
 
-    .venv/bin/python experiments/online_sft/run.py              # 3 seeds, about 1 CPU hour
-    .venv/bin/python experiments/online_sft/run.py --seeds 0    # one seed
+    .venv/bin/python experiments/online_sft/run.py                    # every arm, about 2 CPU hours
+    .venv/bin/python experiments/online_sft/run.py --seeds 0          # one seed
+    .venv/bin/python experiments/online_sft/run.py --arms EM-FT DAPO  # only these arms
 
 Every arm is a preset of configs/experiment/ run through osftkit.train.run; results, curves and
-the table are written next to this file.
+the table are written next to this file. Arms not run this time keep their rows (and curves,
+where recorded) from results.json.
 """
 
 import argparse
 import csv
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -27,15 +31,65 @@ from osftkit.train import compose_train_config, run  # noqa: E402
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TAU_SWEEP = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
-ARMS = {  # name -> overrides (the study's rows)
-    "OSFT (tau_s 0.6, tau_t 1)": ["experiment=osft_arith"],
-    "OSFT coupled (tau_s = tau_t = 1)": ["experiment=osft_coupled_arith"],
-    "GRPO (G = 8)": ["experiment=grpo_arith"],
-    "SFT on gold solutions": ["experiment=sft_arith"],
-    "OSFT from the under-trained base": ["experiment=osft_arith", "model=arith_base_undertrained"],
-    "GRPO from the under-trained base": ["experiment=grpo_arith", "model=arith_base_undertrained"],
-}
 COLUMNS = ["val/pass@1", "val/greedy_acc", "val/pass@8"]
+OSFT = "OSFT (tau_s 0.6, tau_t 1)"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A row of the table: the preset's overrides, whether it runs every seed or a few (the
+    expensive and the under-trained-base arms), and the paper's pass@1 where it has one."""
+
+    overrides: tuple[str, ...]
+    few_seeds: bool = False
+    paper: str = "-"
+
+
+# The arms that generate more per step than OSFT (G x prompts > 64) stop once they have
+# generated OSFT's 200 x 64 = 12,800 responses (the 8x arms: 24 x 512 = 12,288), so that on
+# 2 CPU cores every row gets the same generation budget: compare them at equal tokens.
+EQUAL_TOKENS = {
+    128: ("trainer.max_steps=100", "trainer.val_check_interval=25"),  # 16 prompts x G = 8
+    256: ("trainer.max_steps=50", "trainer.val_check_interval=25"),  # 64 prompts x G = 4
+    512: ("trainer.max_steps=24", "trainer.val_check_interval=8"),  # 64 prompts x G = 8
+}
+# The paper's numbers: mean pass@1 (%) over six benchmarks on Qwen2.5-Math-7B (the revision).
+ARMS = {
+    OSFT: Arm(("experiment=osft_arith",), paper="39.5 (annealed, 3 epochs)"),
+    "OSFT coupled (tau_s = tau_t = 1)": Arm(("experiment=osft_coupled_arith",), paper="19.3"),
+    "GRPO (G = 8)": Arm(("experiment=grpo_arith",), paper="43.8 (at 8x OSFT's tokens)"),
+    "SFT on gold solutions": Arm(("experiment=sft_arith",)),
+    "OSFT from the under-trained base": Arm(
+        ("experiment=osft_arith", "model=arith_base_undertrained"),
+        few_seeds=True,
+        paper="no gain on Llama-3.1-8B-Instruct",
+    ),
+    "GRPO from the under-trained base": Arm(
+        ("experiment=grpo_arith", "model=arith_base_undertrained"), few_seeds=True
+    ),
+    "OSFT offline (one frozen self-generated set)": Arm(
+        ("experiment=osft_offline_arith",), paper="21.0 (online 39.5)"
+    ),
+    "EM-FT (entropy minimisation)": Arm(
+        ("experiment=em_ft_arith",), paper="51.3 (OSFT 55.0, Fig. 3's own average)"
+    ),
+    "OSFT tau_s annealed 0.6 -> 1": Arm(("experiment=osft_anneal_arith",), paper="39.5"),
+    "Dr. GRPO (G = 8)": Arm(("experiment=dr_grpo_arith", *EQUAL_TOKENS[128]), few_seeds=True),
+    "DAPO (G = 8)": Arm(("experiment=dapo_arith", *EQUAL_TOKENS[128]), few_seeds=True),
+    "OSFT G = 4 (64 prompts)": Arm(
+        ("experiment=osft_g4_arith", *EQUAL_TOKENS[256]),
+        few_seeds=True,
+        paper="above the base (Fig. 5)",
+    ),
+    "GRPO G = 8 on OSFT's 64 prompts": Arm(
+        ("experiment=grpo_64x8_arith", *EQUAL_TOKENS[512]), few_seeds=True, paper="43.8"
+    ),
+    "OSFT G = 8 (64 prompts)": Arm(
+        ("experiment=osft_g8_arith", *EQUAL_TOKENS[512]),
+        few_seeds=True,
+        paper="highest peak of G (Fig. 5)",
+    ),
+}
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -53,15 +107,21 @@ def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
 
 
 def summary(run_dir: Path) -> dict:
-    """Final validation metrics, generated tokens and wall time (first to last logged event)."""
+    """Final validation metrics, generated tokens, wall time and the curve (step, pass@1,
+    tokens, seconds) at every validation. Seconds count from the logger's first event, written
+    just before `fit`: they include the offline set's generation, not the data tokenising."""
     accumulator = events(run_dir)
     final = {tag: accumulator.Scalars(tag)[-1].value for tag in COLUMNS}
+    start = accumulator.FirstEventTimestamp()
     times = [e.wall_time for tag in accumulator.Tags()["scalars"] for e in accumulator.Scalars(tag)]
+    passes = accumulator.Scalars("val/pass@1")
     _, tokens = scalars(run_dir, "val/tokens_generated")
-    return {**final, "wall_s": max(times) - min(times), "tokens": tokens[-1] if tokens else 0}
+    tokens = tokens or [0.0] * len(passes)
+    curve = [[p.step, p.value, t, p.wall_time - start] for p, t in zip(passes, tokens, strict=True)]
+    return {**final, "wall_s": max(times) - start, "tokens": tokens[-1], "curve": curve}
 
 
-def run_arm(overrides: list[str], seed: int, out: Path) -> dict:
+def run_arm(overrides: tuple[str, ...], seed: int, out: Path) -> dict:
     """Run one arm unless a finished run is already in `out` (so the study can be resumed)."""
     # The bases are evaluated once by the sweep; the last validation falls on the last step.
     cfg = compose_train_config(
@@ -95,7 +155,47 @@ def base_rows(model: str, out: Path) -> list[dict]:
         f"paths.output_dir={out}",
         f"tau_sweep=[{sweep}]",
     ]
-    return evaluate(compose_train_config(overrides, config_name="eval"))
+    rows = evaluate(compose_train_config(overrides, config_name="eval"))
+    shutil.copy(out / "tau_sweep.png", HERE / f"{model}_tau_sweep.png")
+    return rows
+
+
+def sweep_bases(out: Path) -> dict[str, dict]:
+    """Each base at tau_eval 1 and at its best tau_eval."""
+    bases = {}
+    for label, model in (("base", "arith_base"), ("under-trained base", "arith_base_undertrained")):
+        sweep = base_rows(model, out / f"eval_{model}")
+        best = max(sweep, key=lambda r: r["val/pass@1"])
+        bases[f"{label} at tau_eval 1"] = next(r for r in sweep if r["tau_eval"] == 1.0)
+        bases[f"{label} at its best tau_eval ({best['tau_eval']:.1f})"] = best
+    return bases
+
+
+def start_of(name: str, bases: dict[str, dict]) -> dict:
+    return bases[f"{'under-trained base' if 'under-trained' in name else 'base'} at tau_eval 1"]
+
+
+def mean_curve(rows: list[dict], start: dict) -> np.ndarray | None:
+    """(validations + 1, 4) mean over seeds of (step, pass@1, tokens, seconds), from the base."""
+    curves = [r["curve"] for r in rows if r.get("curve")]
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)
+    mean = np.mean([np.asarray(c[:length], dtype=float) for c in curves], axis=0)
+    return np.vstack([[0.0, start["val/pass@1"], 0.0, 0.0], mean])
+
+
+def at_tokens(rows: list[dict], curve: np.ndarray | None, budget: float) -> str:
+    """pass@1 at `budget` generated tokens, interpolated along the arm's curve; an arm that
+    generated within 5% of the budget is read at its end; '-' for one that generated far less
+    or far more without a recorded curve."""
+    tokens = float(np.mean([r["tokens"] for r in rows]))
+    if budget <= 0 or tokens < 0.95 * budget:
+        return "-"
+    if curve is None:
+        close = tokens <= 1.05 * budget
+        return f"{np.mean([r['val/pass@1'] for r in rows]):.3f}" if close else "-"
+    return f"{np.interp(min(budget, tokens), curve[:, 2], curve[:, 1]):.3f}"
 
 
 def mean_std(values: list[float]) -> str:
@@ -105,43 +205,56 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
+    budget = np.mean([r["tokens"] for r in results[OSFT]]) if OSFT in results else 0.0
     lines = [
-        "| run | pass@1 (tau_eval 1) | greedy acc | pass@8 | wall s | tokens generated |",
-        "|---|---|---|---|---|---|",
+        "| run | seeds | steps | pass@1 (tau_eval 1) | greedy acc | pass@8 | wall s "
+        f"| tokens generated | pass@1 at {budget / 1e3:,.0f}k tokens | paper pass@1 (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in bases.items():
+        paper = "22.7" if name.startswith("base at its best") else "-"
         lines.append(
-            f"| {name} | {row['val/pass@1']:.3f} | {row['val/greedy_acc']:.3f} | "
-            f"{row['val/pass@8']:.3f} | - | - |"
+            f"| {name} | - | - | {row['val/pass@1']:.3f} | {row['val/greedy_acc']:.3f} | "
+            f"{row['val/pass@8']:.3f} | - | - | - | {paper} |"
         )
     for name, rows in results.items():
         cells = [mean_std([r[k] for r in rows]) for k in COLUMNS]
         wall, tokens = np.mean([r["wall_s"] for r in rows]), np.mean([r["tokens"] for r in rows])
-        lines.append(f"| {name} | {' | '.join(cells)} | {wall:.0f} | {tokens:,.0f} |")
+        matched = at_tokens(rows, mean_curve(rows, start_of(name, bases)), budget)
+        paper = ARMS[name].paper if name in ARMS else "-"
+        steps = rows[0]["curve"][-1][0] + 1 if rows[0].get("curve") else 200  # old rows: 200
+        lines.append(
+            f"| {name} | {len(rows)} | {steps} | {' | '.join(cells)} | {wall:.0f} "
+            f"| {tokens:,.0f} | {matched} | {paper} |"
+        )
     return "\n".join(lines)
 
 
-def plot_curves(runs: dict[str, list[Path]], bases: dict[str, dict]) -> None:
-    figure, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, dirs in runs.items():
-        start = bases[
-            f"{'under-trained base' if 'under-trained' in name else 'base'} at tau_eval 1"
-        ]
-        steps, _ = scalars(dirs[0], "val/pass@1")
-        curves = [scalars(d, "val/pass@1")[1] for d in dirs]
-        length = min(len(c) for c in curves)
-        mean = [start["val/pass@1"], *np.mean([c[:length] for c in curves], axis=0)]
-        (line,) = by_step.plot([0, *steps[:length]], mean, marker="o", label=name)
-        tokens = scalars(dirs[0], "val/tokens_generated")[1][:length]
-        if tokens and max(tokens) > 0:  # SFT generates nothing: no curve against tokens
-            by_tokens.plot(
-                [0, *tokens], mean[: len(tokens) + 1], marker="o", color=line.get_color()
-            )
-    for axis, label in ((by_step, "optimiser step"), (by_tokens, "tokens generated in training")):
+def plot_curves(results: dict[str, list[dict]], bases: dict[str, dict]) -> None:
+    """pass@1 against optimiser steps, generated tokens and wall time, every arm. Arms whose
+    rows predate the recorded curves are drawn as their final point (hollow marker)."""
+    figure, axes = plt.subplots(1, 3, figsize=(20, 5))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(results), 2)))
+    for colour, (name, rows) in zip(colours, results.items(), strict=False):
+        start = start_of(name, bases)
+        curve = mean_curve(rows, start)
+        for axis, column in zip(axes, (0, 2, 3), strict=True):
+            if column == 2 and np.mean([r["tokens"] for r in rows]) == 0:
+                continue  # SFT generates nothing: no point against tokens
+            if curve is not None:
+                axis.plot(curve[:, column], curve[:, 1], marker="o", ms=3, color=colour, label=name)
+                continue
+            final = {0: 200, 2: np.mean([r["tokens"] for r in rows])}.get(column)
+            final = final if final is not None else np.mean([r["wall_s"] for r in rows])
+            pass1 = np.mean([r["val/pass@1"] for r in rows])
+            axis.plot([0, final], [start["val/pass@1"], pass1], ls=":", color=colour)
+            axis.plot([final], [pass1], marker="o", mfc="none", color=colour, label=name)
+    labels = ("optimiser step", "tokens generated in training", "wall time of the run (s)")
+    for axis, label in zip(axes, labels, strict=True):
         axis.set_xlabel(label)
         axis.set_ylabel("val pass@1 (tau_eval 1)")
         axis.grid(alpha=0.3)
-    by_step.legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     figure.tight_layout()
     figure.savefig(HERE / "pass1_curves.png", dpi=120)
 
@@ -150,35 +263,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--under-seeds",
+        "--few-seeds",
         type=int,
         nargs="+",
         default=[0],
-        help="seeds of the arms that start from the under-trained base",
+        help="seeds of the expensive arms and of those that start from the under-trained base",
     )
-    parser.add_argument("--only", default="", help="run only the arms whose name contains this")
+    parser.add_argument(
+        "--arms", nargs="+", default=[""], help="run only the arms whose name contains one of these"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
-    bases = {}
-    for label, model in (("base", "arith_base"), ("under-trained base", "arith_base_undertrained")):
-        sweep = base_rows(model, args.out / f"eval_{model}")
-        shutil.copy(args.out / f"eval_{model}" / "tau_sweep.png", HERE / f"{model}_tau_sweep.png")
-        best = max(sweep, key=lambda r: r["val/pass@1"])
-        at_one = next(r for r in sweep if r["tau_eval"] == 1.0)
-        bases[f"{label} at tau_eval 1"] = at_one
-        bases[f"{label} at its best tau_eval ({best['tau_eval']:.1f})"] = best
-    results, dirs = {}, {}
-    for name, overrides in ((n, o) for n, o in ARMS.items() if args.only in n):
-        for seed in args.under_seeds if "under-trained" in name else args.seeds:
-            out = args.out / name.split(" (")[0].replace(" ", "_").lower() / f"seed{seed}"
-            results.setdefault(name, []).append(run_arm(overrides, seed, out))
-            dirs.setdefault(name, []).append(out)
-    (HERE / "results.json").write_text(json.dumps({"bases": bases, "runs": results}, indent=1))
-    plot_curves(dirs, bases)
+    saved = (
+        json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
+    )
+    everything = args.arms == [""]
+    # A partial rerun keeps the saved base sweeps rather than rebuilding both bases.
+    bases = sweep_bases(args.out) if everything or "bases" not in saved else saved["bases"]
+    results = {} if everything else dict(saved.get("runs", {}))
+    for name, arm in ARMS.items():
+        if not any(pattern in name for pattern in args.arms):
+            continue
+        seeds = args.few_seeds if arm.few_seeds else args.seeds
+        slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
+        results[name] = [
+            run_arm(arm.overrides, seed, args.out / slug / f"seed{seed}") for seed in seeds
+        ]
+        results = {n: results[n] for n in ARMS if n in results}  # table order = ARMS order
+        (HERE / "results.json").write_text(json.dumps({"bases": bases, "runs": results}, indent=1))
+    plot_curves(results, bases)
     text = table(results, bases)
     print(text)
-    (HERE / "results.md").write_text(f"Seeds: {args.seeds}\n\n{text}\n")
+    (HERE / "results.md").write_text(
+        f"Seeds: {args.seeds} (few-seed arms: {args.few_seeds})\n\n{text}\n"
+    )
 
 
 if __name__ == "__main__":

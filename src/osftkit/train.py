@@ -1,4 +1,5 @@
-"""run(cfg): seed -> model -> data -> method -> callbacks -> loggers -> Trainer -> fit -> report."""
+"""run(cfg): build missing bases -> seed -> model -> data -> method -> callbacks -> loggers ->
+Trainer -> fit -> report."""
 
 import logging
 import os
@@ -28,7 +29,7 @@ from osftkit.hardware import (
     fsdp_units,
 )
 from osftkit.models import LoadedModel
-from osftkit.models.loading import ModelNotFoundError
+from osftkit.models.loading import ModelNotFoundError, resolve_path
 
 log = logging.getLogger(__name__)
 # Step checkpoints of manual-optimisation modules hold the weights after the step, which is
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CLEAR_ERRORS = (ModelNotFoundError, DataLoadError, ValueError, FileNotFoundError)
+LOAD_CAUSAL_LM = "osftkit.models.load_causal_lm"
 TRAINER_HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
 
 
@@ -120,9 +122,25 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return ckpt_path
 
 
+def build_missing_base(model: DictConfig) -> None:
+    """Build a kit-made model that is missing (tiny init, `build_with` training) BEFORE seeding:
+    building draws from the global random streams, so a run that builds its base and one that
+    finds it would otherwise train differently."""
+    if model.get("_target_") != LOAD_CAUSAL_LM:
+        return
+    tiny, build_with = model.get("tiny"), model.get("build_with")
+    resolve_path(
+        model.get("path"),
+        model.get("cache_dir"),
+        OmegaConf.to_container(tiny, resolve=True) if tiny is not None else None,
+        list(build_with) if build_with is not None else None,
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before and after) as configured; returns the final metrics."""
     configure_threads(cfg.hardware.get("num_threads"))
+    build_missing_base(cfg.model)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(cfg)
     loaded, datamodule, module = build_components(cfg)

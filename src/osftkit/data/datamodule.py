@@ -150,12 +150,14 @@ class PromptDataModule(LightningDataModule):
             raise ValueError(f"batch size {batch_size} is not divisible by world size {world}")
         return batch_size // world
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, seed_offset: int = 0) -> DataLoader:
+        """The training prompts, shuffled per epoch; `seed_offset` gives a second stream its
+        own order (DAPO's refill batches)."""
         if "train" not in self.splits:
             raise ValueError("this data config has no training split (an evaluation-only set)")
         split = self.splits["train"]
         # Lightning's own seed (set by seed_everything), as DistributedSampler uses under DDP.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + seed_offset
         return ResumableDataLoader(
             split,
             batch_size=self.per_rank(self.batch_size),

@@ -149,6 +149,16 @@ class CausalLMModule(LightningModule):
         optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         self.lr_schedulers().step()
 
+    def sum_over_ranks(self, value: Tensor) -> Tensor:
+        """`value` summed over the data-parallel ranks (a collective; as is outside a Trainer)."""
+        return self.all_gather(value).sum(dim=0) if self._trainer is not None else value
+
+    def on_every_rank(self, decision: bool) -> bool:
+        """Whether `decision` holds on every rank (a collective; as is outside a Trainer)."""
+        if self._trainer is None:
+            return decision
+        return self.trainer.strategy.reduce_boolean_decision(decision, all=True)
+
     def average_unsharded_gradients(self) -> None:
         """FSDP2 averages the gradients of the modules it shards; a tensor trained beside them
         (SANDE's parrot) is averaged over the ranks here. (DDP wraps the whole module.)"""
@@ -193,6 +203,7 @@ class CausalLMModule(LightningModule):
         temperature: float = 1.0,
         model: nn.Module | None = None,
         with_entropy: bool = True,
+        entropy_grad: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Dense log p(chosen) and entropy at the scored positions of one micro-batch."""
         return token_logprobs(
@@ -203,6 +214,7 @@ class CausalLMModule(LightningModule):
             temperature=temperature,
             chunk_size=self.hparams.logprob_chunk_size,
             with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
         )
 
     @torch.no_grad()

@@ -46,5 +46,5 @@ class OSFTModule(RolloutModule):
             self.log("train/reward", self.score(rollouts, batch["answer"]).float().mean())
         return {}
 
-    def policy_loss(self, part: TokenBatch, logp: Tensor) -> Tensor:
+    def policy_loss(self, part: TokenBatch, logp: Tensor, entropy: Tensor) -> Tensor:
         return (-logp * part.per_row["weights"]).sum()

@@ -65,7 +65,7 @@ class RolloutModule(CausalLMModule):
             batch, h.group_size, self.sampling_temperature, h.top_p, h.max_new_tokens
         )
         # The run's total over all ranks, so that every rank holds (and a checkpoint keeps) it.
-        self.tokens_generated += self.all_gather(rollouts.lengths.sum()).sum()
+        self.tokens_generated += self.sum_over_ranks(rollouts.lengths.sum())
         if bool(rollouts.truncated.all()):
             # Still trained on (cut responses are a valid signal), but usually a sign that
             # max_new_tokens is too small or the model has lost its EOS.
@@ -80,8 +80,11 @@ class RolloutModule(CausalLMModule):
         """Per-row tensors the loss needs besides the rollouts (rewards, advantages, ...)."""
         return {}
 
-    def policy_loss(self, part: TokenBatch, logp: Tensor) -> Tensor:
-        """This micro-batch's share of the mini-batch loss (weighted by `per_row["weights"]`)."""
+    entropy_grad = False  # True when the loss trains on the token entropy (EM-FT)
+
+    def policy_loss(self, part: TokenBatch, logp: Tensor, entropy: Tensor) -> Tensor:
+        """This micro-batch's share of the mini-batch loss (weighted by `per_row["weights"]`);
+        `entropy` has a gradient only when `entropy_grad` is set."""
         raise NotImplementedError
 
     def minibatch_rows(self) -> int | None:
@@ -120,9 +123,11 @@ class RolloutModule(CausalLMModule):
 
     def minibatch_loss(self, part: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """MicroLoss: the policy loss (+ KL) of one micro-batch; entropy and KL for logging."""
-        logp, entropy = self.logprobs(part, self.training_temperature)
-        loss = self.policy_loss(part, logp)
-        metrics = {"entropy": (entropy * part.per_row["token_mean"]).sum()}
+        logp, entropy = self.logprobs(
+            part, self.training_temperature, entropy_grad=self.entropy_grad
+        )
+        loss = self.policy_loss(part, logp, entropy)
+        metrics = {"entropy": (entropy.detach() * part.per_row["token_mean"]).sum()}
         if self.reference is not None:
             metrics["kl"] = self.kl_to_reference(part, logp)
             loss = loss + self.hparams.kl_coef * metrics["kl"]

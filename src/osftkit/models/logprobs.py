@@ -27,9 +27,15 @@ def check_logprob_args(temperature: float, chunk_size: int) -> None:
 
 
 def _chunk_scores(
-    hidden: Tensor, head: nn.Module, targets: Tensor, temperature: float, with_entropy: bool
+    hidden: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """log p(target) and (no grad) entropy of one chunk of positions (M, D) -> (M,), (M,)."""
+    """log p(target) and entropy (without grad unless `entropy_grad`) of one chunk of
+    positions (M, D) -> (M,), (M,)."""
     logits = head(hidden).float()
     if temperature != 1.0:
         # In place: the head's matmul keeps its inputs, not this output.
@@ -38,9 +44,9 @@ def _chunk_scores(
     chosen = logits.gather(-1, targets[:, None]).squeeze(-1) - normaliser
     if not with_entropy:
         return chosen, chosen.new_zeros(())
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         # H = log Z - sum p * logits: one (M, V) temporary (p), no product tensor.
-        probs = (logits - normaliser[:, None]).exp_()
+        probs = (logits - normaliser[:, None]).exp_()  # in place: autograd keeps the result
         entropy = normaliser - torch.linalg.vecdot(probs, logits)
     return chosen, entropy
 
@@ -118,11 +124,13 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = True,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(x_{t+1} | x_<=t) at temperature `temperature` where `score_mask` (N, T - 1) is set.
 
-    Returns dense (N, T - 1) log-probs and entropies (entropy without grad, None when
-    `with_entropy` is off), zero at positions that are not scored. Give `input_ids` (N, T), or
+    Returns dense (N, T - 1) log-probs and entropies (entropy without grad unless
+    `entropy_grad`, for a loss on it as EM-FT's; None when `with_entropy` is off), zero at
+    positions that are not scored. Give `input_ids` (N, T), or
     `inputs_embeds` (N, T, D) with `targets` (N, T) holding the token ids to score.
     """
     check_logprob_args(temperature, chunk_size)
@@ -143,10 +151,17 @@ def token_logprobs(
         args = (hidden[start : start + chunk_size], head, chosen_ids[start : start + chunk_size])
         if train:
             parts.append(
-                checkpoint(_chunk_scores, *args, temperature, with_entropy, use_reentrant=False)
+                checkpoint(
+                    _chunk_scores,
+                    *args,
+                    temperature,
+                    with_entropy,
+                    entropy_grad,
+                    use_reentrant=False,
+                )
             )
         else:
-            parts.append(_chunk_scores(*args, temperature, with_entropy))
+            parts.append(_chunk_scores(*args, temperature, with_entropy, entropy_grad))
     dense = torch.zeros(score_mask.shape, dtype=torch.float32, device=score_mask.device)
     if not parts:
         return dense + hidden.sum() * 0, dense if with_entropy else None
