@@ -54,6 +54,7 @@ def _init_and_run(rank: int, tmp_path: str, worker, args: tuple) -> None:
     try:
         result = worker(rank, Path(tmp_path), *args)
         (Path(tmp_path) / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
