@@ -2,6 +2,7 @@
 fp32-master rule, sharded checkpoints, and `hardware=fsdp_sim` end to end."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,34 @@ def test_a_sharded_embedding_lookup_outside_the_forward_says_what_to_do(tmp_path
     for result in spawn(lookup_worker, tmp_path, tiny_dir(tmp_path)):
         assert "called outside the model's forward" in result["message"]
         assert "gathered_weights" in result["message"] and result["gathered_shape"][:2] == [1, 3]
+
+
+@pytest.mark.parametrize("decodes_with_policy", [True, False])
+def test_the_policy_is_gathered_only_for_engines_that_decode_with_it(
+    tiny_lm, monkeypatch, decodes_with_policy
+):
+    import osftkit.methods.base as base
+
+    gathered = []
+
+    @contextmanager
+    def recording(model):
+        gathered.append(model)
+        yield
+
+    monkeypatch.setattr(base, "gathered_weights", recording)
+    engine = HFGenerateEngine()
+    engine.decodes_with_policy = decodes_with_policy  # False: as VLLMEngine, its own copy
+    module = SFTModule(model=tiny_lm.model, tokenizer=tiny_lm.tokenizer, optimizer=None,
+                       engine=engine)  # fmt: skip
+    rollouts = module.generate(prompt_batch(tiny_lm.tokenizer, PROMPTS), 1, 0.0, 1.0, 2)
+    assert rollouts.response_ids.shape == (len(PROMPTS), 2)
+    assert gathered == ([tiny_lm.model] if decodes_with_policy else [])
+
+
+def test_engines_say_whether_they_decode_with_the_policy():
+    from osftkit.rollout.paged import PagedEngine
+    from osftkit.rollout.vllm_engine import VLLMEngine
+
+    assert HFGenerateEngine.decodes_with_policy and PagedEngine.decodes_with_policy
+    assert not VLLMEngine.decodes_with_policy

@@ -3,6 +3,7 @@
 import json
 import math
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,8 +279,9 @@ class CausalLMModule(LightningModule):
         self, batch: dict, num_samples: int, temperature: float, top_p: float, max_new_tokens: int
     ) -> Rollouts:
         """Sample from the model as it is now (no grad, eval mode) through the engine; a sharded
-        model is gathered once for the whole rollout."""
-        with gathered_weights(self.model):
+        model is gathered once for the whole rollout when the engine decodes with it."""
+        gather = self.engine.decodes_with_policy
+        with gathered_weights(self.model) if gather else nullcontext():
             return self.engine.generate(
                 self.model,
                 batch["prompt_ids"],

@@ -69,7 +69,12 @@ class GenerationEngine(Protocol):
     With `prompt_embeds` (N, P, H) the model reads these embeddings instead of embedding
     `prompt_ids` (a learned soft prompt, SANDE's parrot); `prompt_ids` (N, P) then only fill the
     Rollouts (pad where a position holds no token) and `prompt_mask` marks the attended slots.
+
+    `decodes_with_policy`: the engine runs the policy module itself, so a sharded policy must be
+    gathered around the call (an engine with its own copy of the weights streams them instead).
     """
+
+    decodes_with_policy: bool
 
     def generate(
         self,
@@ -94,6 +99,8 @@ class HFGenerateEngine:
     the prompts go in chunks whose padded (prompt + max_new_tokens) x G rows fit that many
     tokens, so a large rollout never holds one KV cache for all of its rows at once.
     """
+
+    decodes_with_policy = True
 
     def __init__(self, max_batch_tokens: int | None = None) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:

@@ -44,6 +44,8 @@ class PagedEngine:
     row's prompt and max_new_tokens at once.
     """
 
+    decodes_with_policy = True
+
     def __init__(self, continuous_batching: dict[str, Any] | None = None) -> None:
         self.settings = dict(continuous_batching or {})
         continuous_batching_config(self.settings)  # unknown keys fail here, at construction

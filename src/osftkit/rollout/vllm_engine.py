@@ -79,6 +79,10 @@ class VLLMEngine:
     weights even if unchanged); 0 keeps vLLM resident. `llm_kwargs` go to `vllm.LLM`
     (gpu_memory_utilization, max_model_len, enable_prompt_embeds, ...)."""
 
+    # vLLM decodes with its own copy, synced one full tensor at a time: gathering the whole
+    # sharded policy around the call would only hold a second full copy on every GPU.
+    decodes_with_policy = False
+
     def __init__(self, sleep_level: int = 1, **llm_kwargs: Any) -> None:
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"engine.sleep_level must be 0, 1 or 2, got {sleep_level}")
