@@ -3,7 +3,6 @@ README's "Bad input" table lists the same cases."""
 
 import copy
 import logging
-import os
 import subprocess
 import sys
 import types
