@@ -127,7 +127,7 @@ def test_logger_and_callback_options_instantiate(group, tmp_path):
 
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(option, tmp_path):
-    cfg = compose_config([f"model={option}"], tmp_path)
+    cfg = compose_config([*context("model", option), f"model={option}"], tmp_path)
     if cfg.model.get("build_with"):
         compose_train_config(list(cfg.model.build_with))  # the build recipe is a valid run
     elif HUB_ID.match(str(cfg.model.get("path") or "")) and cfg.model.get("tiny") is None:
@@ -207,3 +207,20 @@ def test_engine_options_instantiate(option, tmp_path, tiny_lm):
         assert (ended.any(dim=1) | rollouts.truncated).all()
         assert (rollouts.truncated == (rollouts.lengths == 5) & ~ended.any(dim=1)).all()
         assert torch.equal(rollouts.prompt_ids, ids.repeat_interleave(3, dim=0))
+
+
+@pytest.mark.parametrize(
+    ("experiment", "size"),
+    [("feature_simulation", "data.num_features=7"), ("feature_sentences", None)],
+)
+def test_small_nets_take_their_input_size_from_the_data(experiment, size, tmp_path):
+    """model=mlp reads data.num_features; model=text_classifier the sentences' vocabulary."""
+    from osftkit.data.sentences import VOCAB
+
+    cfg = compose_config([f"experiment={experiment}", *([size] if size else [])], tmp_path)
+    model = instantiate(cfg.model).model
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding))
+    expected = 7 if size else len(VOCAB)
+    assert (
+        first.in_features if isinstance(first, torch.nn.Linear) else first.num_embeddings
+    ) == expected
