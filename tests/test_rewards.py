@@ -1,8 +1,10 @@
 import time
 
 import pytest
+from hydra.utils import instantiate
 
 from osftkit.rewards import AnswerChecker, extract_boxed, extract_gsm8k
+from tests.conftest import compose_config
 
 
 @pytest.mark.parametrize(
@@ -87,3 +89,11 @@ def test_parallel_scoring_equals_serial():
 def test_checker_knobs_are_checked(knob, value):
     with pytest.raises(ValueError, match=f"checker.{knob} must be"):
         AnswerChecker("boxed", "math", **{knob: value})
+
+
+@pytest.mark.parametrize("name", ["math500", "gsm8k"])
+def test_math_sets_checker_knobs_reach_the_checker(name):
+    cfg = compose_config([f"data={name}"]).data.checker
+    checker = instantiate(cfg)
+    assert checker.settings == (cfg.extract, "math", cfg.timeout_s)
+    assert checker.num_workers == cfg.num_workers
