@@ -161,7 +161,7 @@ def test_method_options(option, tmp_path, tiny_lm):
     else:
         model_option = partner("method", option, "model")
         assert model_option, f"no experiment shows which model method={option} trains"
-        model_cfg = compose_config([f"model={model_option}"], tmp_path).model
+        model_cfg = compose_config([*context("model", model_option), f"model={model_option}"]).model
         module = instantiate(cfg.method, _convert_="all", model=instantiate(model_cfg).model)
     assert isinstance(module, target)
     assert any(p.requires_grad for p in module.parameters())  # something to train
