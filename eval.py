@@ -12,8 +12,10 @@ os.environ.setdefault("OSFTKIT_ROOT", str(Path(__file__).resolve().parent))
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     from osftkit.evaluate import evaluate
+    from osftkit.train import one_line_errors
 
-    rows = evaluate(cfg)
+    with one_line_errors():
+        rows = evaluate(cfg)
     return max(row.get(cfg.optimized_metric, float("nan")) for row in rows)
 
 

@@ -15,10 +15,11 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from osftkit.train import run  # imported here so `--help` and config errors stay fast
+    from osftkit.train import one_line_errors, run  # here, so `--help` and config errors stay fast
 
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return run(cfg).get(cfg.get("optimized_metric"))
+        with one_line_errors():
+            return run(cfg).get(cfg.get("optimized_metric"))
     # In a sweep a failed trial (NaN loss, bad hyperparameters) is logged and returns None: the
     # Optuna sweeper records a failed trial (NaN would crash its `tell`), and the sweep goes on.
     try:

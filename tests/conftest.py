@@ -81,3 +81,15 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
     )
+
+
+def changed_weights(tmp_path: Path) -> tuple[list[str], int]:
+    """(names of the tensors the run in tmp_path changed, tensors in all): its last.ckpt
+    against the tiny model it started from (fast_cfg's model dir holds just that one)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    (start_dir,) = (p.parent for p in (tmp_path / "models").glob("*/config.json"))
+    start = AutoModelForCausalLM.from_pretrained(start_dir).state_dict()
+    return [k for k, v in start.items() if not torch.equal(trained[f"model.{k}"], v)], len(start)

@@ -3,6 +3,7 @@ README's "Bad input" table lists the same cases."""
 
 import copy
 import logging
+import subprocess
 import sys
 import types
 
@@ -19,7 +20,7 @@ from osftkit.methods import SFTModule
 from osftkit.models import load_causal_lm
 from osftkit.models.loading import ModelNotFoundError, _ensure_pad_token
 from osftkit.train import build_components, clear_errors, instantiate_group, run
-from tests.conftest import compose_config
+from tests.conftest import FAST, cli_command, compose_config
 
 COLUMNS = {"problem": "problem", "answer": "answer"}
 
@@ -129,6 +130,53 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
 def test_resume_without_a_checkpoint_says_where_to_point(fast_cfg):
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no checkpoint.*hydra\.run\.dir="):
         run(fast_cfg("ckpt_path=last"))
+
+
+def test_a_trainer_number_given_as_text_names_the_knob(fast_cfg):
+    with pytest.raises(ValueError, match="trainer.max_steps must be a number, got 'abc'"):
+        run(fast_cfg("trainer.max_steps=abc"))
+
+
+def test_a_user_error_prints_one_line_and_hydra_full_error_the_traceback(tmp_path):
+    """From the command line: one line, exit status 1; HYDRA_FULL_ERROR=1 keeps the traceback."""
+    command, env = cli_command(*FAST, "trainer.max_steps=abc", tmp_path=tmp_path)
+    short = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    output = short.stdout + short.stderr
+    assert short.returncode == 1
+    assert "ValueError: trainer.max_steps must be a number, got 'abc'" in output
+    assert "Traceback" not in output and "HYDRA_FULL_ERROR" not in output
+    env = {**env, "HYDRA_FULL_ERROR": "1"}
+    full = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert full.returncode == 1 and "Traceback" in full.stderr
+    assert "trainer.max_steps must be a number" in full.stderr
+
+
+def test_a_k_above_the_sample_count_is_named(fast_cfg):
+    with pytest.raises(ValueError, match="k=8 exceeds validation.n_samples=4"):
+        build_components(fast_cfg("validation.n_samples=4", "validation.ks=[8]"))
+
+
+def test_an_empty_model_directory_lists_what_was_expected(tmp_path, fast_cfg):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        ModelNotFoundError, match=r"empty' holds no model: .*config\.json.*found nothing"
+    ):
+        load_causal_lm(path=str(empty))
+    (empty / "config.json").write_text("{}")  # a config but no tokenizer files
+    with pytest.raises(
+        ModelNotFoundError, match=r"tokenizer_config\.json.*found \['config\.json'\]"
+    ):
+        build_components(fast_cfg("model=qwen", f"model.path={empty}"))
+
+
+@pytest.mark.parametrize("hardware", ["gpu", "fsdp"])
+def test_a_gpu_option_without_a_gpu_suggests_the_cpu_options(fast_cfg, monkeypatch, hardware):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(
+        ValueError, match="no GPU is visible.*hardware=auto or hardware=cpu.*fsdp_sim"
+    ):
+        run(fast_cfg(f"hardware={hardware}"))
 
 
 # ---- rollout engines ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Every option of every config group composes, resolves and instantiates."""
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
 from osftkit.data import PromptDataModule
+from osftkit.data.datamodule import pad_left
 from osftkit.methods import CausalLMModule
 from osftkit.models import LoadedModel
 from osftkit.models.loading import HUB_ID, ModelNotFoundError
@@ -21,6 +23,7 @@ from osftkit.train import (
     clear_errors,
     compose_train_config,
     instantiate_group,
+    resolve_hardware,
     trainer_precision,
 )
 from tests.conftest import CONFIG_DIR, compose_config
@@ -75,7 +78,7 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
 def test_hardware(option, tmp_path):
     cfg = compose_config([f"hardware={option}"], tmp_path)
     assert cfg.hardware.num_threads >= 1
-    if cfg.hardware.accelerator == "cpu":
+    if cfg.hardware.accelerator in ("cpu", "auto"):  # auto: the CPU here (or one GPU)
         trainer = build_trainer(cfg, [], [])
         assert trainer.world_size == cfg.hardware.devices
         assert trainer.precision == "32-true"  # the default model computes in fp32
@@ -87,6 +90,21 @@ def test_hardware(option, tmp_path):
         strategy = instantiate(cfg.hardware.strategy)
         assert strategy.layer_classes == (Qwen2DecoderLayer,)
         assert strategy.mp_policy.reduce_dtype == torch.float32
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_auto_hardware_takes_the_gpu_when_there_is_one(gpu, tmp_path, monkeypatch, caplog):
+    """The default hardware=auto: a GPU with the model's compute dtype over fp32 weights (as
+    hardware=gpu), else the CPU with its one thread; the choice is logged."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    cfg = compose_config(["model=qwen"], tmp_path)
+    assert cfg.hardware.accelerator == "auto"
+    with caplog.at_level(logging.INFO, logger="osftkit"):
+        resolve_hardware(cfg)
+    assert cfg.hardware.accelerator == ("gpu" if gpu else "cpu")
+    assert f"hardware=auto chose the {'GPU' if gpu else 'CPU'}" in caplog.text
+    assert trainer_precision(cfg, None) == "bf16-mixed"  # model=qwen computes in bf16
+    assert cfg.hardware.num_threads == 1
 
 
 def test_model_dtype_is_the_compute_dtype_over_fp32_weights(tmp_path):
@@ -109,7 +127,7 @@ def test_logger_and_callback_options_instantiate(group, tmp_path):
 
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(option, tmp_path):
-    cfg = compose_config([f"model={option}"], tmp_path)
+    cfg = compose_config([*context("model", option), f"model={option}"], tmp_path)
     if cfg.model.get("build_with"):
         compose_train_config(list(cfg.model.build_with))  # the build recipe is a valid run
     elif HUB_ID.match(str(cfg.model.get("path") or "")) and cfg.model.get("tiny") is None:
@@ -143,7 +161,7 @@ def test_method_options(option, tmp_path, tiny_lm):
     else:
         model_option = partner("method", option, "model")
         assert model_option, f"no experiment shows which model method={option} trains"
-        model_cfg = compose_config([f"model={model_option}"], tmp_path).model
+        model_cfg = compose_config([*context("model", model_option), f"model={model_option}"]).model
         module = instantiate(cfg.method, _convert_="all", model=instantiate(model_cfg).model)
     assert isinstance(module, target)
     assert any(p.requires_grad for p in module.parameters())  # something to train
@@ -157,7 +175,7 @@ def test_experiment_configs_open_with_their_command():
 
 
 @pytest.mark.parametrize("option", options("engine"))
-def test_engine_options_instantiate(option, tmp_path):
+def test_engine_options_instantiate(option, tmp_path, tiny_lm):
     config = compose_config([f"engine={option}"], tmp_path).engine
     if option == "vllm" and importlib.util.find_spec("vllm") is None:
         with pytest.raises(InstantiationException, match=r"\.\[gpu\]"):  # at construction
@@ -173,3 +191,36 @@ def test_engine_options_instantiate(option, tmp_path):
             option
         ]
     )
+    # ... and the engine generates what it is asked for: G rows per prompt, at most
+    # max_new_tokens each, the response mask a prefix ending at the first EOS or the limit.
+    prompts = [tiny_lm.tokenizer(t, add_special_tokens=False).input_ids for t in ("1+2=", "33*4=")]
+    ids, mask = pad_left(prompts, tiny_lm.tokenizer.pad_token_id)
+    eos, pad = tiny_lm.tokenizer.eos_token_id, tiny_lm.tokenizer.pad_token_id
+    for temperature in (0.0, 1.0):
+        rollouts = engine.generate(
+            tiny_lm.model, ids, mask, num_samples=3, temperature=temperature, top_p=1.0,
+            max_new_tokens=5, eos_token_id=eos, pad_token_id=pad,
+        )  # fmt: skip
+        assert rollouts.response_ids.shape[0] == 6 and rollouts.group_size == 3
+        assert rollouts.response_ids.shape[1] <= 5 and (rollouts.lengths >= 1).all()
+        ended = (rollouts.response_ids == eos) & rollouts.response_mask.bool()
+        assert (ended.any(dim=1) | rollouts.truncated).all()
+        assert (rollouts.truncated == (rollouts.lengths == 5) & ~ended.any(dim=1)).all()
+        assert torch.equal(rollouts.prompt_ids, ids.repeat_interleave(3, dim=0))
+
+
+@pytest.mark.parametrize(
+    ("experiment", "size"),
+    [("feature_simulation", "data.num_features=7"), ("feature_sentences", None)],
+)
+def test_small_nets_take_their_input_size_from_the_data(experiment, size, tmp_path):
+    """model=mlp reads data.num_features; model=text_classifier the sentences' vocabulary."""
+    from osftkit.data.sentences import VOCAB
+
+    cfg = compose_config([f"experiment={experiment}", *([size] if size else [])], tmp_path)
+    model = instantiate(cfg.model).model
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding))
+    expected = 7 if size else len(VOCAB)
+    assert (
+        first.in_features if isinstance(first, torch.nn.Linear) else first.num_embeddings
+    ) == expected

@@ -1,3 +1,4 @@
+import copy
 import json
 import logging
 import random
@@ -8,6 +9,7 @@ from hydra.utils import instantiate
 
 from osftkit.data import DataLoadError, build_arithmetic, load_prompt_table
 from osftkit.data.arithmetic import add_digit_noise
+from osftkit.data.prompts import MATH_SYSTEM_PROMPT
 from tests.conftest import compose_config
 
 
@@ -169,3 +171,61 @@ def test_batches_mask_prompts_and_padding(fast_cfg, tiny_lm):
         full = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
         assert full == prompt + labelled
     assert (batch["prompt_mask"][:, -1] == 1).all()  # left padded
+
+
+def verl_rows() -> list[dict]:
+    """Rows as the Online SFT reference (a verl recipe) ships its benchmarks."""
+    return [
+        {
+            "data_source": "HuggingFaceH4/MATH-500",
+            "prompt": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"What is {n} + 1?"},
+            ],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": str(n + 1)},
+            "extra_info": {"index": n},
+        }
+        for n in range(4)
+    ]
+
+
+def test_verl_format_parquet_loads_as_is(tmp_path, tiny_lm):
+    """`data.val.math500.path=<verl math500.parquet>`: the user message is the problem, the
+    ground truth the answer, as written by pandas/pyarrow (nested lists and structs)."""
+    path = write_table(tmp_path / "math500.parquet", verl_rows(), ".parquet")
+    table = load_prompt_table(str(path), {"problem": "problem", "answer": "answer"})
+    assert table["problem"] == [f"What is {n} + 1?" for n in range(4)]
+    assert table["answer"] == ["1", "2", "3", "4"]
+    assert set(table["data_source"]) == {"HuggingFaceH4/MATH-500"}
+    cfg = compose_config(["data=math500", f"data.val.math500.path={path}"])
+    datamodule = instantiate(cfg.data, tokenizer=tiny_lm.tokenizer)
+    datamodule.setup("validate")
+    batch = next(iter(datamodule.val_dataloader()[0]))
+    assert batch["answer"] == ["1", "2", "3", "4"]
+    prompt = tiny_lm.tokenizer.decode(batch["prompt_ids"][1], skip_special_tokens=True)
+    assert prompt.endswith("Question: What is 1 + 1?\nAnswer: ")
+
+
+def test_a_verl_row_without_a_user_message_is_named(tmp_path):
+    rows = verl_rows()
+    rows[2]["prompt"] = [{"role": "system", "content": "no question here"}]
+    path = write_table(tmp_path / "bad.parquet", rows, ".parquet")
+    with pytest.raises(DataLoadError, match="Row 2: required column 'problem' is empty"):
+        load_prompt_table(str(path), {"problem": "problem", "answer": "answer"})
+
+
+def test_chat_prompts_carry_the_papers_system_prompt(fast_cfg, tiny_lm):
+    """With a chat template, each prompt is system (MATH_SYSTEM_PROMPT, the Online SFT paper's)
+    + user (the problem), as the paper prompts Qwen2.5-Math."""
+    tokenizer = copy.deepcopy(tiny_lm.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    )
+    cfg = fast_cfg("data.use_chat_template=true", "data.max_prompt_length=256")
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("validate")
+    batch = next(iter(datamodule.val_dataloader()[0]))
+    prompt = tokenizer.decode(batch["prompt_ids"][0], skip_special_tokens=True)
+    assert prompt == f"<system>{MATH_SYSTEM_PROMPT}\n<user>{batch['problem'][0]}\n<assistant>"
+    assert "boxed" in MATH_SYSTEM_PROMPT

@@ -1,6 +1,10 @@
+import time
+
 import pytest
+from hydra.utils import instantiate
 
 from osftkit.rewards import AnswerChecker, extract_boxed, extract_gsm8k
+from tests.conftest import compose_config
 
 
 @pytest.mark.parametrize(
@@ -56,3 +60,40 @@ def test_unknown_checker_options():
         AnswerChecker("last_line")
     with pytest.raises(ValueError, match="compare must be one of"):
         AnswerChecker("boxed", "fuzzy")
+
+
+@pytest.mark.parametrize("answer", [r"\boxed{9^{9^{9^{9^{9}}}}}", r"\boxed{100!!}"])
+def test_math_answers_that_stall_sympy_stop_at_the_timeout(answer):
+    """Each of parse / compare stops after timeout_s (math-verify alone waits 5 s per call)."""
+    check = AnswerChecker("boxed", "math", timeout_s=1)
+    start = time.perf_counter()
+    assert check(answer, "5") is False
+    assert time.perf_counter() - start < 3.5  # three calls of at most 1 s each, and some slack
+
+
+def test_parallel_scoring_equals_serial():
+    responses = [r"\boxed{0.5}", r"\boxed{\frac{2}{4}}", r"\boxed{3}", "none", r"\boxed{(x+1)^2}"]
+    golds = [r"\frac{1}{2}", "0.5", "4", "1", "x^2+2x+1"]
+    responses, golds = responses * 5, golds * 5
+    serial = AnswerChecker("boxed", "math").score(responses, golds)
+    parallel = AnswerChecker("boxed", "math", num_workers=2)
+    assert parallel.score(responses, golds) == serial
+    assert serial == [True, True, False, False, True] * 5
+    assert parallel._pool is not None  # the batch did go to the workers
+    parallel._pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("knob", "value"), [("timeout_s", 0), ("timeout_s", 0.5), ("num_workers", -1)]
+)
+def test_checker_knobs_are_checked(knob, value):
+    with pytest.raises(ValueError, match=f"checker.{knob} must be"):
+        AnswerChecker("boxed", "math", **{knob: value})
+
+
+@pytest.mark.parametrize("name", ["math500", "gsm8k"])
+def test_math_sets_checker_knobs_reach_the_checker(name):
+    cfg = compose_config([f"data={name}"]).data.checker
+    checker = instantiate(cfg)
+    assert checker.settings == (cfg.extract, "math", cfg.timeout_s)
+    assert checker.num_workers == cfg.num_workers

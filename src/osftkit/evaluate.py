@@ -13,7 +13,12 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from osftkit.hardware import configure_threads  # noqa: E402
-from osftkit.train import build_components, build_trainer, instantiate_group  # noqa: E402
+from osftkit.train import (  # noqa: E402
+    build_components,
+    build_trainer,
+    instantiate_group,
+    resolve_hardware,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ def load_weights(module: L.LightningModule, ckpt_path: str) -> None:
 
 def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     """One row of validation metrics per tau_eval; also written as CSV, Markdown and a plot."""
+    resolve_hardware(cfg)  # before the model loads: a GPU option without a GPU stops here
     configure_threads(cfg.hardware.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
     _, datamodule, module = build_components(cfg)

@@ -33,6 +33,27 @@ def configure_threads(num_threads: int | None) -> None:
         log.info("torch uses %d CPU thread(s) (hardware.num_threads)", num_threads)
 
 
+def choose_accelerator(accelerator: str) -> str:
+    """`hardware.accelerator` -> what the Trainer gets. `auto` takes the GPU when torch sees one
+    (precision then follows `model.dtype`, as on `hardware=gpu`), else the CPU; a GPU option on a
+    machine without one stops here rather than in Lightning's backend lookup."""
+    gpu = torch.cuda.is_available()
+    if accelerator == "auto":
+        chosen = "gpu" if gpu else "cpu"
+        log.info("hardware=auto chose the %s (%s)", chosen.upper(), AUTO_REASONS[gpu])
+        return chosen
+    if accelerator == "gpu" and not gpu:
+        raise ValueError(
+            "hardware.accelerator=gpu (hardware=gpu, ddp, fsdp or multinode), but no GPU is "
+            "visible (torch.cuda.is_available() is False). Use hardware=auto or hardware=cpu "
+            "on this machine, or hardware=fsdp_sim / ddp_sim for two CPU processes."
+        )
+    return accelerator
+
+
+AUTO_REASONS = {True: "torch sees a CUDA device", False: "no CUDA device is visible"}
+
+
 def module_classes(names: list[str]) -> tuple[type, ...]:
     """Resolve dotted class names (e.g. a model's decoder layer) of the units to shard."""
     if not names:

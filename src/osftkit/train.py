@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -24,6 +24,7 @@ from osftkit.data import DataLoadError
 from osftkit.hardware import (
     MIXED_PRECISION,
     FSDP2Strategy,
+    choose_accelerator,
     configure_threads,
     consolidated_state_dict,
     fsdp_units,
@@ -39,9 +40,39 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CLEAR_ERRORS = (ModelNotFoundError, DataLoadError, ValueError, FileNotFoundError)
 LOAD_CAUSAL_LM = "osftkit.models.load_causal_lm"
 TRAINER_HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+# The Trainer's numbers, checked before anything is built (Lightning fails deep inside on a string).
+TRAINER_NUMBERS = (
+    "max_steps",
+    "min_steps",
+    "max_epochs",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "log_every_n_steps",
+    "num_sanity_val_steps",
+    "limit_train_batches",
+    "limit_val_batches",
+    "accumulate_grad_batches",
+)
+
+
+def check_trainer_numbers(trainer: DictConfig) -> None:
+    """Each `trainer.<knob>` of TRAINER_NUMBERS that is set must be a number."""
+    for key in TRAINER_NUMBERS:
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"trainer.{key} must be a number, got {value!r}")
+
+
+def resolve_hardware(cfg: DictConfig) -> None:
+    """Check the trainer's numbers and settle `hardware.accelerator` (auto -> gpu | cpu) once,
+    before a base is built or a model loaded."""
+    check_trainer_numbers(cfg.trainer)
+    with open_dict(cfg):
+        cfg.hardware.accelerator = choose_accelerator(cfg.hardware.get("accelerator", "cpu"))
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list[Logger]) -> L.Trainer:
+    resolve_hardware(cfg)
     hardware = {key: cfg.hardware[key] for key in TRAINER_HARDWARE_KEYS if key in cfg.hardware}
     if isinstance(hardware.get("strategy"), DictConfig):
         hardware["strategy"] = instantiate(hardware["strategy"])
@@ -79,6 +110,19 @@ def clear_errors() -> Iterator[None]:
         if isinstance(error.__cause__, CLEAR_ERRORS):
             raise error.__cause__ from None
         raise
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """An entry point's user mistake (CLEAR_ERRORS) prints as one line and exits with status 1;
+    HYDRA_FULL_ERROR=1 keeps the full traceback."""
+    try:
+        yield
+    except CLEAR_ERRORS as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s: %s", type(error).__name__, error)
+        raise SystemExit(1) from None
 
 
 def build_components(
@@ -139,6 +183,7 @@ def build_missing_base(model: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before and after) as configured; returns the final metrics."""
+    resolve_hardware(cfg)
     configure_threads(cfg.hardware.get("num_threads"))
     build_missing_base(cfg.model)
     L.seed_everything(cfg.seed, workers=True)

@@ -165,6 +165,9 @@ class SANDEModule(BackdoorEvalModule):
         return "simulate" if self.global_step < self.simulate_steps else "eliminate"
 
     def configure_optimizers(self):
+        if self.trainer.fast_dev_run and self.stage == "both":
+            # A smoke run (debug=fast: one step) simulates for half its steps, then eliminates.
+            self.simulate_steps = min(self.simulate_steps, self.trainer.max_steps // 2)
         if self.trainer.max_steps <= 0 or (
             self.stage == "both" and self.trainer.max_steps <= self.simulate_steps
         ):

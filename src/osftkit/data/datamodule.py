@@ -11,7 +11,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from osftkit.data.prompts import format_prompt
+from osftkit.data.prompts import MATH_SYSTEM_PROMPT, format_prompt
 from osftkit.rewards import AnswerChecker
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class PromptDataModule(LightningDataModule):
         max_prompt_length: int,
         max_response_length: int,
         plain_template: str,
-        system_prompt: str | None = None,
+        system_prompt: str | None = MATH_SYSTEM_PROMPT,
         use_chat_template: bool = True,
         train_transform: Callable[[Dataset], Dataset] | None = None,
         num_workers: int = 0,

@@ -1,5 +1,7 @@
 """Real math sets (or any prompt/answer table) from a hub id or a local parquet/jsonl/csv file."""
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset, Value, load_dataset
@@ -8,6 +10,10 @@ from osftkit.rewards.extract import extract_gsm8k
 
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 REQUIRED = ("problem", "answer")
+# verl's RL data format (the Online SFT reference recipe ships its benchmarks so):
+# prompt = chat messages, reward_model = {ground_truth, style}, data_source = the set's name.
+VERL_COLUMNS = ("prompt", "reward_model")
+log = logging.getLogger(__name__)
 
 
 class DataLoadError(RuntimeError):
@@ -60,6 +66,30 @@ def to_prompt_table(
     return renamed.cast_column("answer", Value("string"))
 
 
+def is_verl(table: Dataset, columns: dict[str, str]) -> bool:
+    """A verl-format table, where the configured columns are absent but verl's are present."""
+    names = table.column_names
+    return all(c in names for c in VERL_COLUMNS) and not all(c in names for c in columns.values())
+
+
+def from_verl(table: Dataset) -> Dataset:
+    """verl rows -> problem (the last user message), answer (reward_model.ground_truth) and
+    data_source; other columns are dropped."""
+
+    def convert(row: dict) -> dict:
+        users = [m["content"] for m in row["prompt"] or [] if m.get("role") == "user"]
+        truth = (row["reward_model"] or {}).get("ground_truth")
+        answer = truth[0] if isinstance(truth, list) and len(truth) == 1 else truth
+        return {"problem": users[-1] if users else None, "answer": answer}
+
+    keep = ["data_source"] if "data_source" in table.column_names else []
+    drop = [c for c in table.column_names if c not in keep]
+    converted = table.map(convert, remove_columns=drop)
+    if keep:
+        log.info("verl-format table: data_source %s", dict(Counter(converted["data_source"])))
+    return converted
+
+
 def load_prompt_table(
     path: str,
     columns: dict[str, str],
@@ -68,6 +98,13 @@ def load_prompt_table(
     answer_format: str = "plain",
     limit: int | None = None,
 ) -> Dataset:
-    """Load a split and map it onto the kit's columns (problem, answer, optional solution)."""
-    table = to_prompt_table(read_table(path, split, subset), dict(columns), answer_format)
+    """Load a split and map it onto the kit's columns (problem, answer, optional solution); a
+    verl-format table (prompt, reward_model, data_source) is read as such."""
+    table, columns = read_table(path, split, subset), dict(columns)
+    if is_verl(table, columns):
+        table = from_verl(table)
+        columns = {"problem": "problem", "answer": "answer"}
+        if "data_source" in table.column_names:
+            columns["data_source"] = "data_source"
+    table = to_prompt_table(table, columns, answer_format)
     return table.select(range(min(limit, len(table)))) if limit else table

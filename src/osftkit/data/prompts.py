@@ -2,6 +2,10 @@
 
 from transformers import PreTrainedTokenizerBase
 
+# The Online SFT paper's prompt (shared/papers/online_sft.md, "prompt"): the model's chat template
+# with this system prompt (Qwen2.5-Math's own). PromptDataModule passes it by default; it reaches
+# the prompt whenever the tokenizer has a chat template (the kit's tiny models have none, so their
+# configs use `plain_template`).
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -9,7 +13,7 @@ def format_prompt(
     tokenizer: PreTrainedTokenizerBase,
     problem: str,
     plain_template: str,
-    system_prompt: str | None = MATH_SYSTEM_PROMPT,
+    system_prompt: str | None,
     use_chat_template: bool = True,
 ) -> str:
     if use_chat_template and tokenizer.chat_template:

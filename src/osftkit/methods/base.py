@@ -41,6 +41,14 @@ class ValidationSettings:
     greedy: bool = True
     log_samples: int = 4
 
+    def __post_init__(self) -> None:
+        above = [k for k in self.ks if k > self.n_samples]
+        if above:
+            raise ValueError(
+                f"validation.ks: k={above[0]} exceeds validation.n_samples={self.n_samples} "
+                "(pass@k needs at least k samples per problem): raise n_samples or drop that k"
+            )
+
 
 # A micro-batch's loss and its additive contributions to the mini-batch's logged metrics.
 MicroLoss = Callable[[TokenBatch], tuple[Tensor, dict[str, Tensor]]]
@@ -313,12 +321,11 @@ class CausalLMModule(LightningModule):
             self.minibatch_rows() if stage == "fit" else None, self.longest_row()
         )
         settings = self.validation_settings
-        ks = [k for k in settings.ks if k <= settings.n_samples]
         for name in self.trainer.datamodule.val_names:
             if name in self.val_metrics:
                 continue
             metrics = {
-                "pass": PassAtK(ks),
+                "pass": PassAtK(list(settings.ks)),
                 "response_length": MeanMetric(),
                 "entropy": MeanMetric(),
             }

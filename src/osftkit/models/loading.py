@@ -93,6 +93,25 @@ def resolve_path(
     return path
 
 
+# What `from_pretrained` needs in a local directory: the model config, and tokenizer files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(location: str) -> None:
+    """A local directory must hold what save_pretrained writes (else transformers fails later
+    with a tokenizer-conversion error that does not name the directory)."""
+    local = Path(location).expanduser()
+    if not local.is_dir():
+        return
+    present = sorted(p.name for p in local.iterdir())
+    if "config.json" not in present or not set(TOKENIZER_FILES) & set(present):
+        raise ModelNotFoundError(
+            f"model.path '{location}' holds no model: expected the files save_pretrained "
+            f"writes, config.json, weights (*.safetensors) and tokenizer files (one of "
+            f"{', '.join(TOKENIZER_FILES)}); found {present[:10] or 'nothing'}."
+        )
+
+
 def load_causal_lm(
     path: str | None = None,
     dtype: str = "float32",
@@ -111,6 +130,7 @@ def load_causal_lm(
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
     location = resolve_path(path, cache_dir, tiny, build_with)
+    check_model_dir(location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

@@ -14,6 +14,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -44,11 +45,12 @@ def load_tiny_word_lm(
     cache_dir: str,
     words: Sequence[str],
     tiny: dict | None = None,
-    gradient_checkpointing: bool = False,
+    **loading: Any,
 ) -> LoadedModel:
-    """Build (once, cached by spec and vocabulary) and load the tiny word-level model."""
+    """Build (once, cached by spec and vocabulary) and load the tiny word-level model;
+    `loading` takes load_causal_lm's knobs (dtype, lora, gradient_checkpointing, ...)."""
     spec = TinyQwen2Spec(**(tiny or {}))
     key = json.dumps([asdict(spec), list(words)]).encode()
     directory = Path(cache_dir) / f"tiny-qwen2-words-{hashlib.sha1(key).hexdigest()[:10]}"
     build_once(directory, lambda d: save_tiny_word(spec, words, d), "the tiny word-level model")
-    return load_causal_lm(str(directory), gradient_checkpointing=gradient_checkpointing)
+    return load_causal_lm(str(directory), **loading)
