@@ -97,3 +97,13 @@ def test_the_litlogger_tip_is_dropped_and_other_lightning_lines_kept(caplog):
     assert [record.getMessage() for record in caplog.records] == [
         "GPU available: False, used: False"
     ]
+
+
+def test_a_missing_base_is_built_by_the_entry_point_with_a_progress_bar(fast_cfg, tmp_path, capsys):
+    build = [o for o in FAST if not o.startswith("model=")]
+    build += ["experiment=arith_base", "logger=none", "trainer.max_steps=2"]
+    quoted = ",".join(f"'{override}'" for override in build)
+    run(fast_cfg("model=arith_base", f"model.build_with=[{quoted}]", "method=sft"))
+    assert (tmp_path / "models" / "arith_base" / "config.json").exists()
+    bar = [line for line in capsys.readouterr().out.splitlines() if "Building arith_base" in line]
+    assert bar and "2/2" in bar[-1] and "left" in bar[-1]  # done / total, then the time left
