@@ -86,7 +86,10 @@ class PromptDataModule(LightningDataModule):
         empty = [i for i, ids in enumerate(encoded["prompt_ids"]) if not ids]
         if empty:
             raise ValueError(f"data split '{name}': rows {empty[:10]} have an empty prompt")
-        kept = encoded.filter(lambda row: len(row["prompt_ids"]) <= self.max_prompt_length)
+        kept = encoded.filter(  # batched: one Arrow slice per 1,000 rows, not a Python dict per row
+            lambda rows: [len(ids) <= self.max_prompt_length for ids in rows["prompt_ids"]],
+            batched=True,
+        )
         skipped = len(encoded) - len(kept)
         if skipped:
             log.warning(
