@@ -20,7 +20,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from osftkit.hardware import configure_threads
-from osftkit.train import build_components, build_trainer, compose_train_config
+from osftkit.train import (
+    build_components,
+    build_missing_base,
+    build_trainer,
+    compose_train_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +42,8 @@ class StepTimer(Callback):
 
 
 def config(model: str, method: str, steps: int, extra: list[str], out: Path):
-    return compose_train_config(
+    """The benchmark's config; a missing kit-built base is built first (as train.py does)."""
+    cfg = compose_train_config(
         [
             f"model={model}",
             f"method={method}",
@@ -51,6 +57,8 @@ def config(model: str, method: str, steps: int, extra: list[str], out: Path):
             *extra,
         ]
     )
+    build_missing_base(cfg.model)
+    return cfg
 
 
 def step_seconds(model: str, method: str, steps: int, extra: list[str], out: Path) -> float:

@@ -12,9 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from osftkit.console import configure_console  # noqa: E402
 from osftkit.hardware import configure_threads  # noqa: E402
+from osftkit.run_logger import close_run_loggers, tensorboard_writers  # noqa: E402
 from osftkit.train import (  # noqa: E402
     build_components,
+    build_missing_base,
     build_trainer,
     instantiate_group,
     resolve_hardware,
@@ -33,26 +36,33 @@ def load_weights(module: L.LightningModule, ckpt_path: str) -> None:
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
-    """One row of validation metrics per tau_eval; also written as CSV, Markdown and a plot."""
+    """One row of validation metrics per tau_eval; also written as CSV, Markdown and a plot
+    (tau_sweep.png, and in TensorBoard's IMAGES tab as `eval/tau_sweep`)."""
+    configure_console()
     resolve_hardware(cfg)  # before the model loads: a GPU option without a GPU stops here
     configure_threads(cfg.hardware.get("num_threads"))
+    build_missing_base(cfg.model)
     L.seed_everything(cfg.seed, workers=True)
     _, datamodule, module = build_components(cfg)
     if cfg.get("ckpt_path"):
         load_weights(module, cfg.ckpt_path)
-    trainer = build_trainer(
-        cfg, instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
-    )
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), loggers)
     rows = []
     for tau in cfg.tau_sweep or [cfg.validation.tau_eval]:
         module.validation_settings.tau_eval = float(tau)
         metrics = trainer.validate(module, datamodule, verbose=False)[0]
         rows.append({"tau_eval": float(tau), **{k: float(v) for k, v in metrics.items()}})
-    write_results(rows, Path(cfg.paths.output_dir))
+    figure = write_results(rows, Path(cfg.paths.output_dir))
+    if figure is not None and trainer.is_global_zero:
+        for writer in tensorboard_writers(loggers):
+            writer.add_figure("eval/tau_sweep", figure, global_step=0)
+    close_run_loggers(loggers)
     return rows
 
 
-def write_results(rows: list[dict[str, float]], directory: Path) -> None:
+def write_results(rows: list[dict[str, float]], directory: Path) -> plt.Figure | None:
+    """eval.csv and eval.md; for a sweep also tau_sweep.png, whose figure is returned."""
     directory.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
     with (directory / "eval.csv").open("w", newline="") as handle:
@@ -63,6 +73,7 @@ def write_results(rows: list[dict[str, float]], directory: Path) -> None:
     lines += ["| " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |" for row in rows]
     (directory / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    figure = None
     if len(rows) > 1:
         figure, axis = plt.subplots(figsize=(5, 3.5))
         for key in (k for k in keys if k.startswith("val/pass@") or k == "val/greedy_acc"):
@@ -75,3 +86,4 @@ def write_results(rows: list[dict[str, float]], directory: Path) -> None:
     log.info(
         "Wrote eval.csv, eval.md%s to %s", " and tau_sweep.png" if len(rows) > 1 else "", directory
     )
+    return figure

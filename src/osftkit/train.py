@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from osftkit.checkpointing import AtomicCheckpointIO
+from osftkit.console import configure_console
 from osftkit.data import DataLoadError
 from osftkit.hardware import (
     MIXED_PRECISION,
@@ -30,7 +31,8 @@ from osftkit.hardware import (
     fsdp_units,
 )
 from osftkit.models import LoadedModel
-from osftkit.models.loading import ModelNotFoundError, resolve_path
+from osftkit.models.loading import ModelNotFoundError, build_once, resolve_path
+from osftkit.run_logger import close_run_loggers, log_final_hparams
 
 log = logging.getLogger(__name__)
 # Step checkpoints of manual-optimisation modules hold the weights after the step, which is
@@ -169,20 +171,22 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 def build_missing_base(model: DictConfig) -> None:
     """Build a kit-made model that is missing (tiny init, `build_with` training) BEFORE seeding:
     building draws from the global random streams, so a run that builds its base and one that
-    finds it would otherwise train differently."""
+    finds it would otherwise train differently. The loader only loads: building is this job."""
     if model.get("_target_") != LOAD_CAUSAL_LM:
         return
     tiny, build_with = model.get("tiny"), model.get("build_with")
-    resolve_path(
-        model.get("path"),
-        model.get("cache_dir"),
-        OmegaConf.to_container(tiny, resolve=True) if tiny is not None else None,
-        list(build_with) if build_with is not None else None,
-    )
+    if tiny is not None:
+        resolve_path(model.get("path"), model.get("cache_dir"), dict(tiny))
+    elif build_with is not None and model.get("path"):
+        overrides = list(build_with)
+        directory = Path(model.path)
+        build = lambda d: build_by_training(overrides, d)  # noqa: E731
+        build_once(directory, build, f"model '{directory.name}' ({' '.join(overrides)})")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before and after) as configured; returns the final metrics."""
+    configure_console()
     resolve_hardware(cfg)
     configure_threads(cfg.hardware.get("num_threads"))
     build_missing_base(cfg.model)
@@ -209,9 +213,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     after = after or {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_dir"):
         export(loaded, cfg.export_dir, trainer.is_global_zero)
+    final = {key: float(value) for key, value in after.items()}
+    log_final_hparams(loggers, cfg, final, trainer.global_step)
+    close_run_loggers(loggers)
     if trainer.is_global_zero:
         report(before, after)
-    return {key: float(value) for key, value in after.items()}
+    return final
 
 
 def export(loaded: LoadedModel, directory: str, writer: bool = True) -> None:
@@ -263,4 +270,10 @@ def build_by_training(overrides: list[str], directory: Path) -> None:
             f"paths.model_dir={directory.parent}",
         ]
     )
+    with open_dict(cfg):  # one bar over the whole build, with the time left
+        cfg.callbacks = cfg.get("callbacks") or {}
+        cfg.callbacks.progress_bar = {
+            "_target_": "osftkit.console.StepProgressBar",
+            "description": f"Building {directory.name.split('.')[0]}",
+        }
     run(cfg)

@@ -77,11 +77,19 @@ class PromptDataModule(LightningDataModule):
         if len(table) == 0:
             raise ValueError(f"data split '{name}' is empty")
         with_solution = "solution" in table.column_names
-        encoded = table.map(lambda row: self._encode(row, with_solution), desc=f"tokenising {name}")
+        # Batched: the tokenizer encodes a whole batch in one (Rust) call, ~10x faster per row.
+        encoded = table.map(
+            lambda rows: self._encode_batch(rows, with_solution),
+            batched=True,
+            desc=f"tokenising {name}",
+        )
         empty = [i for i, ids in enumerate(encoded["prompt_ids"]) if not ids]
         if empty:
             raise ValueError(f"data split '{name}': rows {empty[:10]} have an empty prompt")
-        kept = encoded.filter(lambda row: len(row["prompt_ids"]) <= self.max_prompt_length)
+        kept = encoded.filter(  # batched: one Arrow slice per 1,000 rows, not a Python dict per row
+            lambda rows: [len(ids) <= self.max_prompt_length for ids in rows["prompt_ids"]],
+            batched=True,
+        )
         skipped = len(encoded) - len(kept)
         if skipped:
             log.warning(
@@ -104,15 +112,26 @@ class PromptDataModule(LightningDataModule):
                 )
         return kept
 
-    def _encode(self, row: dict, with_solution: bool) -> dict:
-        prompt = format_prompt(self.tokenizer, row["problem"], **self.prompt_settings)
-        encoded = {"prompt_ids": self.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
+    def _encode_batch(self, rows: dict[str, list], with_solution: bool) -> dict[str, list]:
+        """`_encode` over a batch of columns (what `Dataset.map(batched=True)` passes)."""
+        prompts = [
+            format_prompt(self.tokenizer, problem, **self.prompt_settings)
+            for problem in rows["problem"]
+        ]
+        encoded = {"prompt_ids": self.tokenizer(prompts, add_special_tokens=False)["input_ids"]}
         if with_solution:
-            response = self.tokenizer(row["solution"], add_special_tokens=False)["input_ids"]
-            response = [*response, self.tokenizer.eos_token_id]
-            encoded["response_ids"] = response[: self.max_response_length]
-            encoded["response_truncated"] = len(response) > self.max_response_length
+            solutions = self.tokenizer(rows["solution"], add_special_tokens=False)["input_ids"]
+            responses = [[*ids, self.tokenizer.eos_token_id] for ids in solutions]
+            encoded["response_ids"] = [ids[: self.max_response_length] for ids in responses]
+            encoded["response_truncated"] = [
+                len(ids) > self.max_response_length for ids in responses
+            ]
         return encoded
+
+    def _encode(self, row: dict, with_solution: bool) -> dict:
+        """One row's token ids (rows a `train_transform` adds to a batch)."""
+        encoded = self._encode_batch({key: [value] for key, value in row.items()}, with_solution)
+        return {key: values[0] for key, values in encoded.items()}
 
     def collate(self, rows: list[dict]) -> dict:
         pad = self.tokenizer.pad_token_id

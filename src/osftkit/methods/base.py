@@ -27,6 +27,7 @@ from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_bac
 from osftkit.metrics import PassAtK
 from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
+from osftkit.run_logger import verbatim_markdown
 
 
 @dataclass
@@ -377,7 +378,8 @@ class CausalLMModule(LightningModule):
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 text = "\n\n".join(
-                    f"**{r['problem']}** (gold {r['answer']})\n\n    {r['response']}" for r in rows
+                    verbatim_markdown(f"{r['problem']}  (gold {r['answer']})\n{r['response']}")
+                    for r in rows
                 )
                 logger.experiment.add_text("val/samples", text, self.global_step)
 

@@ -70,18 +70,21 @@ def resolve_path(
     tiny: TinyQwen2Spec | dict | None = None,
     build_with: list[str] | None = None,
 ) -> str:
-    """A config's model location -> a path `from_pretrained` reads; builds it if needed."""
+    """A config's model location -> a path `from_pretrained` reads. It builds only the tiny
+    offline model (an init, no training); a `build_with` model is built by the entry point."""
     if tiny is not None:
         spec = tiny if isinstance(tiny, TinyQwen2Spec) else TinyQwen2Spec(**tiny)
         directory = Path(path) if path else Path(cache_dir) / spec.cache_name()
         return str(build_once(directory, lambda d: save_tiny(spec, d), "the tiny offline model"))
     if path is None:
         raise ValueError("model.path is required (a hub id or a local directory)")
-    if build_with is not None:
-        from osftkit.train import build_by_training  # the builder trains with the kit itself
-
-        build = lambda d: build_by_training(build_with, d)  # noqa: E731
-        return str(build_once(Path(path), build, f"model '{Path(path).name}' ({build_with})"))
+    if build_with is not None and not (Path(path) / "config.json").exists():
+        recipe = " ".join(build_with)
+        raise ModelNotFoundError(
+            f"Model '{Path(path).name}' is not built yet ({path}). Build it with "
+            f"`python train.py {recipe}`, or let train.py / eval.py build it: they build a "
+            "missing model that names `build_with` before loading it."
+        )
     local = Path(path).expanduser()
     if local.exists():
         return str(local)

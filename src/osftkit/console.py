@@ -1,0 +1,97 @@
+"""What a run prints: one line per log event, no advertisements, progress bars only where a
+person watches (a terminal), and a rich progress bar for the kit's own long steps."""
+
+import logging
+import sys
+import warnings
+from typing import Any
+
+import datasets
+import lightning as L
+import transformers
+from lightning.pytorch.callbacks import ProgressBar
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+# Lightning 2.6 logs this on every Trainer without a LitLogger; it has no switch of its own
+# (logger_connector.configure_logger), so a filter on the logger that emits it drops it.
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+def drop_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LITLOGGER_TIP)
+
+
+def configure_console() -> None:
+    """Set up the console for a run (idempotent; call after Hydra has configured logging)."""
+    # `import lightning` gives the `lightning` logger its own console handler ("INFO: ...") AND
+    # lets records propagate to the root, where Hydra's handler prints them a second time.
+    if logging.getLogger().handlers:
+        lightning = logging.getLogger("lightning")
+        for handler in list(lightning.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning.removeHandler(handler)
+    info = logging.getLogger(LIGHTNING_INFO_LOGGER)
+    if drop_litlogger_tip not in info.filters:
+        info.addFilter(drop_litlogger_tip)
+    # tqdm bars in a file or a pipe are one line per refresh (100 per split); keep them for
+    # terminals only.
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    # Lightning 2.6's own pytree helper (utilities/_pytree.py) still uses torch's deprecated
+    # LeafSpec: nothing the user can change, printed on every fit. Only that message is muted.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module="lightning.pytorch.utilities._pytree",
+    )
+
+
+class StepProgressBar(ProgressBar):
+    """One rich bar over a whole fit (optimiser steps of `max_steps`: done, elapsed, time
+    left), for the kit's long steps, such as building a base, where per-epoch bars mislead."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__()
+        self.description, self.enabled = description, True
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled:
+            return
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=trainer.max_steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
