@@ -99,7 +99,10 @@ def test_the_litlogger_tip_is_dropped_and_other_lightning_lines_kept(caplog):
     ]
 
 
-def test_a_missing_base_is_built_by_the_entry_point_with_a_progress_bar(fast_cfg, tmp_path, capsys):
+def test_a_missing_base_is_built_by_the_entry_point_with_a_progress_bar(
+    fast_cfg, tmp_path, capsys, caplog
+):
+    caplog.set_level(logging.INFO, logger="osftkit.console")
     build = [o for o in FAST if not o.startswith("model=")]
     build += ["experiment=arith_base", "logger=none", "trainer.max_steps=2"]
     quoted = ",".join(f"'{override}'" for override in build)
@@ -107,3 +110,12 @@ def test_a_missing_base_is_built_by_the_entry_point_with_a_progress_bar(fast_cfg
     assert (tmp_path / "models" / "arith_base" / "config.json").exists()
     bar = [line for line in capsys.readouterr().out.splitlines() if "Building arith_base" in line]
     assert bar and "2/2" in bar[-1] and "left" in bar[-1]  # done / total, then the time left
+    # Output that is not a terminal also gets a log line per tenth of the build.
+    steps = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("Building arith_base")
+    ]
+    assert [m.split(",")[0] for m in steps] == [
+        "Building arith_base: step 1/2",
+        "Building arith_base: step 2/2",
+    ]
+    assert all("left" in message for message in steps)

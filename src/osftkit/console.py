@@ -4,6 +4,7 @@ person watches (a terminal), and a rich progress bar for the kit's own long step
 import logging
 import sys
 import warnings
+from datetime import timedelta
 from typing import Any
 
 import datasets
@@ -19,6 +20,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+log = logging.getLogger(__name__)
 
 # Lightning 2.6 logs this on every Trainer without a LitLogger; it has no switch of its own
 # (logger_connector.configure_logger), so a filter on the logger that emits it drops it.
@@ -61,11 +64,13 @@ class StepProgressBar(ProgressBar):
     """One rich bar over a whole fit (optimiser steps of `max_steps`: done, elapsed, time
     left), for the kit's long steps, such as building a base, where per-epoch bars mislead."""
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, log_every_fraction: float = 0.1) -> None:
         super().__init__()
         self.description, self.enabled = description, True
+        self.log_every_fraction = log_every_fraction
         self.progress: Progress | None = None
         self.task: TaskID | None = None
+        self.next_logged = 0
 
     def disable(self) -> None:
         self.enabled = False
@@ -86,10 +91,29 @@ class StepProgressBar(ProgressBar):
         )
         self.progress.start()
         self.task = self.progress.add_task(self.description, total=trainer.max_steps)
+        self.next_logged = self.log_step(trainer.max_steps)
+
+    def log_step(self, total: int) -> int:
+        return max(1, round(total * self.log_every_fraction))
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=trainer.global_step)
+        if self.progress is None:
+            return
+        self.progress.update(self.task, completed=trainer.global_step)
+        # A file or a pipe gets no live bar (rich draws it once, at the end): a log line
+        # every tenth of the run says how far it is and how long is left instead.
+        if not self.progress.console.is_terminal and trainer.global_step >= self.next_logged:
+            task = self.progress.tasks[0]
+            left = task.time_remaining
+            log.info(
+                "%s: step %d/%d, %s elapsed, about %s left",
+                self.description,
+                trainer.global_step,
+                trainer.max_steps,
+                timedelta(seconds=round(task.elapsed or 0)),
+                timedelta(seconds=round(left)) if left is not None else "?",
+            )
+            self.next_logged += self.log_step(trainer.max_steps)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.progress is not None:
