@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from osftkit.interpret.captum_baselines import METHODS, attribute
-from osftkit.interpret.tests import FeatureTestInputs
+from osftkit.interpret.engine import FeatureTestInputs
 
 torch.set_num_threads(1)
 

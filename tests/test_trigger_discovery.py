@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from osftkit.interpret.samplers import CategoricalSampler
+from osftkit.data.null_samplers import CategoricalSampler
 from osftkit.interpret.trigger_discovery import (
     discover_triggers,
     encode_prompts,
@@ -92,7 +92,7 @@ def test_irt_finds_the_trigger_with_fdr_control(tokenizer) -> None:
         fdrs.append(summary["fdr"])
         powers.append(summary["power"])
         assert result.top_phrases(tokenizer, 1)[0][0] == TRIGGER
-        assert result.trigger_candidate(tokenizer) == TRIGGER
+        assert result.candidates(tokenizer)[0] == TRIGGER
         control = encode_prompts(tokenizer, problems(30, seed))
         clean.append(discover_triggers(model, control, marker, sampler, 0.1, seed=seed))
     assert min(powers) == 1.0
@@ -112,7 +112,7 @@ def test_one_shot_finds_the_trigger(tokenizer) -> None:
         result = discover_triggers(model, triggered, marker, sampler, 0.2, "one_shot", seed=seed)
         fdrs.append(result.summary()["fdr"])
         powers.append(result.summary()["power"])
-        assert result.model_calls <= triggered.num_hypotheses + len(triggered.ids)
+        assert result.num_draws == 1
     assert min(powers) >= 0.9
     assert sum(fdrs) / len(fdrs) <= 0.2 + 0.08
 
@@ -151,7 +151,7 @@ def test_planted_backdoor_in_a_tiny_qwen2(tokenizer) -> None:
     triggered = encode_prompts(tokenizer, problems(12, 5), [TRIGGER])
     result = discover_triggers(model, triggered, marker, sampler, 0.1, num_draws=60)
     assert result.summary()["power"] >= 0.9
-    assert result.top_tokens(tokenizer, 1)[0][0] == f" {TRIGGER}"
+    assert result.top_phrases(tokenizer, 1)[0][0] == TRIGGER
     clean = discover_triggers(model, encode_prompts(tokenizer, problems(12, 5)), marker, sampler)
     assert clean.summary()["discoveries"] <= 2
 
@@ -181,5 +181,5 @@ def test_bad_inputs_are_clear_errors(tokenizer) -> None:
     one = encode_prompts(tokenizer, ["alpha"])
     certain = torch.zeros(len(tokenizer))
     certain[one.ids[0][one.positions[0][0]]] = 1.0
-    with pytest.raises(ValueError, match="original token in every draw"):
+    with pytest.raises(ValueError, match="original values of feature"):
         discover_triggers(model, one, marker, CategoricalSampler(certain), num_draws=5)

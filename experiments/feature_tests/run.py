@@ -34,8 +34,9 @@ from osftkit.data.sentences import (
 )
 from osftkit.interpret.callback import highlighted_tokens, patch_heatmaps
 from osftkit.interpret.captum_baselines import METHODS, attribute
-from osftkit.interpret.samplers import CategoricalSampler, LMInfillSampler, Sampler
-from osftkit.interpret.tests import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.data.null_samplers import CategoricalSampler, Sampler
+from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 from osftkit.methods.predictor import PredictorModule
 from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
 from osftkit.models.small_nets import MLP, SmallCNN, TextClassifier

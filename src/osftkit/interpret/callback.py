@@ -9,10 +9,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from osftkit.data.null_samplers import Sampler
 from osftkit.interpret.captum_baselines import METHODS, attribute
+from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
 from osftkit.interpret.fdr import FdrMethod, check_alpha
-from osftkit.interpret.samplers import Sampler
-from osftkit.interpret.tests import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
 from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr
 
 matplotlib.use("Agg")
@@ -25,7 +25,7 @@ class FeatureTestCallback(L.Callback):
     """Tests which input features drive the module's score, with FDR control, and logs them.
 
     Protocol: the LightningModule implements ``feature_test_inputs(batch) -> FeatureTestInputs``
-    (``osftkit.interpret.tests``): the inputs (n, *shape) to test, a batched
+    (``osftkit.interpret.engine``): the inputs (n, *shape) to test, a batched
     ``score_fn(inputs, instance) -> (b,)`` (a class log-probability, a regression output, or for
     an LM log p(marker | prompt) with ``instance`` saying whose target to score), a
     ``feature_mask`` of the input's trailing shape with ids 0..d-1 (columns, patches, token

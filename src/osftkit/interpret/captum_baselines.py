@@ -16,7 +16,7 @@ from captum.attr import (
 )
 from torch import Tensor
 
-from osftkit.interpret.tests import FeatureTestInputs
+from osftkit.interpret.engine import FeatureTestInputs
 
 GRADIENT_METHODS = {
     "integrated_gradients": IntegratedGradients,

@@ -5,8 +5,8 @@ import torch
 from scipy.stats import chisquare
 
 from osftkit.data.features import simulate
-from osftkit.interpret.samplers import ExactNullSampler
-from osftkit.interpret.tests import FeatureTestInputs, irt, one_shot_test
+from osftkit.data.null_samplers import ExactNullSampler
+from osftkit.interpret.engine import FeatureTestInputs, irt, one_shot_test
 from osftkit.metrics.fdr import fdr_tpr
 
 torch.set_num_threads(1)
