@@ -74,7 +74,7 @@ def train_masked_lm(
     sequences: Sequence[Sequence[int]],
     vocab_size: int,
     mask_token_id: int,
-    pad_token_id: int,
+    pad_token_id: int | None = None,
     steps: int = 600,
     hidden_size: int = 32,
     batch_size: int = 128,
@@ -83,18 +83,21 @@ def train_masked_lm(
 ) -> BertForMaskedLM:
     """A small BERT masked LM fitted on clean token sequences: the kit's own infill sampler.
 
-    Sequences are right-padded with ``pad_token_id`` (masked out of attention and loss);
-    ``vocab_size`` must cover ``mask_token_id`` (e.g. one id past the tokenizer's vocabulary).
+    Sequences of different lengths are right-padded with ``pad_token_id`` (masked out of
+    attention and loss); ``vocab_size`` must cover ``mask_token_id`` (e.g. one id past the
+    tokenizer's vocabulary).
     """
     if not sequences:
         raise ValueError("train_masked_lm needs at least one clean sequence")
     if mask_token_id >= vocab_size:
         raise ValueError(f"mask_token_id {mask_token_id} must be below vocab_size {vocab_size}")
     length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_token_id)
+    if pad_token_id is None and any(len(s) != length for s in sequences):
+        raise ValueError("sequences of different lengths need a pad_token_id")
+    ids = torch.full((len(sequences), length), -1 if pad_token_id is None else pad_token_id)
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = torch.tensor(list(seq))
-    real = ids != pad_token_id
+    real = ids != (-1 if pad_token_id is None else pad_token_id)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     config = BertConfig(

@@ -22,11 +22,13 @@ p-values (:func:`osftkit.interpret.calibration.check_pvalues`); :class:`TriggerD
 refuses a sampler that fails it, then proposes, confirms and returns the removal triggers.
 """
 
+import json
 import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -53,6 +55,7 @@ from osftkit.interpret.statistics import seeded_generator
 
 log = logging.getLogger(__name__)
 Test = Literal["irt", "one_shot"]
+DISCOVERY_FILE = "discovery.json"
 SEED_STRIDE = 1000  # prompt sets of one pipeline seed never share a generator seed
 
 
@@ -573,3 +576,27 @@ class TriggerDiscoveryPipeline:
 def marker_token_ids(tokenizer: PreTrainedTokenizerBase, marker: str) -> list[int]:
     """The marker's tokens as the model writes it at the start of the response."""
     return token_ids(tokenizer, marker, "marker")
+
+
+def report_discovery(
+    calibration: Calibration,
+    discovery: TriggerDiscovery,
+    confirmation: Confirmation,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+) -> list[str]:
+    """Log the three stages, write them to `directory`/discovery.json; the confirmed phrases."""
+    record = {
+        "calibration": str(calibration),
+        "floor_fraction": calibration.floor_fraction,
+        "stage1": discovery.summary(),
+        "stage1_phrases": discovery.top_phrases(tokenizer, 10),
+        "candidates": confirmation.candidates,
+        "effects": confirmation.effects,
+        "pvalues": confirmation.pvalues,
+        "confirmed": confirmation.triggers,
+    }
+    log.info("trigger discovery: %s", json.dumps(record))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / DISCOVERY_FILE).write_text(json.dumps(record, indent=1))
+    return confirmation.triggers
