@@ -5,13 +5,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from osftkit.interpret.engine import FeatureTestInputs, one_shot_test
-from osftkit.interpret.lm_scores import target_logprob
 from osftkit.data.null_samplers import (
     CategoricalSampler,
     ExactNullSampler,
     GaussianConditionalSampler,
 )
+from osftkit.interpret.engine import FeatureTestInputs, one_shot_test
+from osftkit.interpret.lm_scores import target_logprob
 from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 
 torch.set_num_threads(1)
