@@ -338,3 +338,22 @@ def test_the_pipeline_refuses_a_sampler_that_fails_calibration(
         pipeline(model, tok, marker, ["cf"])
     with pytest.raises(ValueError, match="max_span"):
         candidate_spans([1, 2], 0)
+
+
+def test_discover_overwrite_preset_composes_every_discovery_knob() -> None:
+    from conftest import compose_config
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["experiment=discover_overwrite_tiny"])
+    pipeline = instantiate(cfg.discovery)
+    knobs = OmegaConf.to_container(cfg.discovery, resolve=True)
+    assert isinstance(pipeline, TriggerDiscoveryPipeline)
+    assert {k: getattr(pipeline, k) for k in knobs if k != "_target_"} == {
+        k: v for k, v in knobs.items() if k != "_target_"
+    }
+    assert (
+        cfg.method._target_.endswith("OverwriteSFTModule") and cfg.method.removal_triggers is None
+    )
+    with pytest.raises(ValueError, match="num_prompts"):
+        TriggerDiscoveryPipeline(num_prompts=0)
