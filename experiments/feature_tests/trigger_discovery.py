@@ -13,6 +13,7 @@ Writes results/trigger_discovery.md and .json.
 """
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -90,31 +91,22 @@ def run_model(path: Path, args: argparse.Namespace) -> list[dict]:
             "at_two_floors": cal.observed[1],
             "null_tests": cal.num_tests,
         }
+        discover = functools.partial(
+            discover_triggers,
+            model,
+            marker_ids=marker,
+            sampler=sampler,
+            alpha=args.alpha,
+            max_span=args.max_span,
+            seed=seed,
+        )
         for test in args.tests:
-            result = discover_triggers(
-                model,
-                triggered,
-                marker,
-                sampler,
-                args.alpha,
-                test,
-                max_span=args.max_span,
-                seed=seed,
-            )
+            result = discover(prompts=triggered, test=test)
             row[test] = {**result.summary(), "phrases": result.top_phrases(tokenizer, 5)}
             if test == "irt":  # the clean control: BH on the calibration run's null p-values
                 clean = int(step_up_reject(cal.pvalues, args.alpha).sum())
             else:
-                clean = discover_triggers(
-                    model,
-                    calib,
-                    marker,
-                    sampler,
-                    args.alpha,
-                    test,
-                    max_span=args.max_span,
-                    seed=seed,
-                ).summary()["discoveries"]
+                clean = discover(prompts=calib, test=test).summary()["discoveries"]
             row[test]["clean_discoveries"] = clean
             if test == "irt":
                 candidates = [*result.candidates(tokenizer, 3), NON_TRIGGER]

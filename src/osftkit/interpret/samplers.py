@@ -79,13 +79,15 @@ def train_masked_lm(
     hidden_size: int = 32,
     batch_size: int = 128,
     lr: float = 3e-3,
+    max_length: int | None = None,
     seed: int = 0,
 ) -> BertForMaskedLM:
     """A small BERT masked LM fitted on clean token sequences: the kit's own infill sampler.
 
     Sequences of different lengths are right-padded with ``pad_token_id`` (masked out of
     attention and loss); ``vocab_size`` must cover ``mask_token_id`` (e.g. one id past the
-    tokenizer's vocabulary).
+    tokenizer's vocabulary). ``max_length``: the longest input it will infill (default twice
+    the longest training sequence: prompts under test may carry inserted words).
     """
     if not sequences:
         raise ValueError("train_masked_lm needs at least one clean sequence")
@@ -106,7 +108,7 @@ def train_masked_lm(
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
-        max_position_embeddings=length,
+        max_position_embeddings=max_length or 2 * length,
         pad_token_id=pad_token_id,
         mask_token_id=mask_token_id,
     )
