@@ -196,7 +196,7 @@ def test_bad_inputs_are_clear_errors(tokenizer) -> None:
     one = encode_prompts(tokenizer, ["alpha"])
     certain = torch.zeros(len(tokenizer))
     certain[one.ids[0][one.positions[0][0]]] = 1.0
-    with pytest.raises(ValueError, match="original values of feature"):
+    with pytest.raises(ValueError, match="original values in every draw"):
         discover_triggers(model, one, marker, CategoricalSampler(certain), num_draws=5)
 
 

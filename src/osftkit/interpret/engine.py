@@ -117,21 +117,19 @@ def draw_feature(
     j: int,
     num_draws: int,
     generator: torch.Generator,
-    rows: Tensor | None = None,
 ) -> Tensor:
-    """(num_draws, n, *shape) counterfactuals of feature j, checked to have moved in `rows`."""
-    mask = test.mask(j)
-    draws = sampler.sample(test.inputs, mask, num_draws, generator)
+    """(num_draws, n, *shape) counterfactuals of feature j."""
+    draws = sampler.sample(test.inputs, test.mask(j), num_draws, generator)
     if draws.shape != (num_draws, *test.inputs.shape):
         raise ValueError(f"sampler returned shape {tuple(draws.shape)} for feature {j}")
-    rows = torch.ones(test.inputs.shape[0], dtype=torch.bool) if rows is None else rows
-    drawn, original = draws[:, rows.to(draws.device)][:, :, mask], test.inputs[rows][:, mask]
-    if rows.any() and torch.equal(drawn, original.expand_as(drawn)):
-        raise ValueError(
-            f"sampler returned the original values of feature {j} in every draw: it must replace"
-            " the feature (a token sampler certain of the original token cannot test it)"
-        )
     return draws
+
+
+def moved(test: FeatureTestInputs, j: int, draws: Tensor, rows: Tensor) -> bool:
+    """Whether any draw changed feature j in one of `rows` (the tested instances)."""
+    mask = test.mask(j)
+    drawn, original = draws[:, rows.to(draws.device)][:, :, mask], test.inputs[rows][:, mask]
+    return bool(rows.any()) and not torch.equal(drawn, original.expand_as(drawn))
 
 
 def tested_hypotheses(test: FeatureTestInputs, sampler: Sampler) -> Tensor:
@@ -161,13 +159,22 @@ def counterfactual_scores(
     rows_per_feature = torch.arange(n, device=test.inputs.device).repeat(num_draws)
     pending: list[Tensor] = []
     scores: list[Tensor] = []
+    any_moved = False
     for j in range(d):
-        draws = draw_feature(test, sampler, j, num_draws, generator, tested[:, j])
+        draws = draw_feature(test, sampler, j, num_draws, generator)
+        # One draw may rightly return the original (it stays drawable); never moving any
+        # feature of any tested instance means the sampler cannot test at all.
+        any_moved = any_moved or moved(test, j, draws, tested[:, j])
         pending.append(draws.flatten(0, 1))
         if len(pending) * len(rows_per_feature) >= batch_size or j == d - 1:
             instance = rows_per_feature.repeat(len(pending))
             scores.append(score_batched(test.score_fn, torch.cat(pending), instance, batch_size))
             pending = []
+    if not any_moved:
+        raise ValueError(
+            "the sampler returned the original values in every draw of every feature: it must "
+            "replace them (a token sampler certain of the original token cannot test it)"
+        )
     return torch.cat(scores).view(d, num_draws, n).permute(1, 2, 0)
 
 
