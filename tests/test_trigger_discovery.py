@@ -319,6 +319,8 @@ def test_confirmation_rejects_a_planted_non_trigger(grammar_tokenizer) -> None:
     assert result.effects[0] > 0 > result.effects[1] and result.pvalues[1] > 0.5
     with pytest.raises(ValueError, match="fresh clean prompts"):
         confirm_candidates(model, tok, ["cf"], [], marker, words)
+    with pytest.raises(ValueError, match="min_effect"):
+        confirm_candidates(model, tok, ["cf"], fresh, marker, words, min_effect=-1.0)
 
 
 def test_the_pipeline_refuses_a_sampler_that_fails_calibration(

@@ -435,13 +435,20 @@ def confirm_candidates(
     alpha: float = 0.1,
     method: FdrMethod = "by",
     num_flips: int = 999,
+    min_effect: float = 1.0,
     seed: int = 0,
 ) -> Confirmation:
     """Stage 2 on fresh clean `problems` (independent of stage 1's prompts): each candidate and
     a control phrase of as many words drawn from `control_words` (seeded, one per prompt) are
-    inserted where the attack puts its trigger; d_i = f(candidate) - f(control); one sign-flip
-    p-value per candidate; BY (default) or BH over the candidates."""
+    inserted where the attack puts its trigger; d_i = f(candidate) - f(control) in nats of
+    log p(marker). H0: mean d <= min_effect (the candidate makes the marker at most
+    e^min_effect times likelier than a random clean phrase does), tested by sign flips of
+    d_i - min_effect (valid when d is symmetric about its mean); BY (default) or BH over the
+    candidates. A margin is needed: any ordinary phrase beats random words a little (the
+    prompt stays typical), so with min_effect 0 a common phrase would be 'confirmed'."""
     check_alpha(alpha)
+    if min_effect < 0:
+        raise ValueError(f"discovery.min_effect must be >= 0 nats, got {min_effect}")
     if not problems or not control_words:
         raise ValueError("confirmation needs fresh clean prompts and control words")
     rng, generator = random.Random(seed), seeded_generator(seed)
@@ -457,7 +464,7 @@ def confirm_candidates(
         scores = score_texts(model, tokenizer, texts, marker_ids).view(-1, 2)
         differences = scores[:, 0] - scores[:, 1]
         effects.append(float(differences.mean()))
-        pvalues.append(sign_flip_pvalue(differences, num_flips, generator))
+        pvalues.append(sign_flip_pvalue(differences - min_effect, num_flips, generator))
     confirmed = step_up_reject(torch.tensor(pvalues), alpha, method).tolist() if candidates else []
     return Confirmation(list(candidates), effects, pvalues, confirmed)
 
@@ -489,6 +496,7 @@ class TriggerDiscoveryPipeline:
     method: FdrMethod = "bh"
     confirm_method: FdrMethod = "by"
     num_flips: int = 999
+    min_effect: float = 1.0
     max_candidates: int = 5
     significance: float = 0.01
     allow_miscalibrated: bool = False
@@ -568,6 +576,7 @@ class TriggerDiscoveryPipeline:
             self.alpha,
             self.confirm_method,
             self.num_flips,
+            self.min_effect,
             self.seed,
         )
         return calibration, discovery, confirmation
