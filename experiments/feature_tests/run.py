@@ -316,6 +316,7 @@ def main() -> None:
         help="simulation: the paper's table through experiment=feature_simulation; others: "
         "captum rankings, correlated and threshold designs, digits, sentences",
     )
+    parser.add_argument("--repeats", type=int, help=f"simulation repeats ({SIMULATION_REPEATS})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -327,7 +328,8 @@ def main() -> None:
     start = time.perf_counter()
     if "simulation" in args.sections:
         print("simulation table")
-        table, test, calls = simulation(repeats if args.quick else SIMULATION_REPEATS, quick_fit)
+        sim_repeats = args.repeats or (repeats if args.quick else SIMULATION_REPEATS)
+        table, test, calls = simulation(sim_repeats, quick_fit)
         report = "\n".join(simulation_md(table, len(calls["val_mse"]), calls))
         report += f"\nTotal {time.perf_counter() - start:.0f} s\n"
         (out / "simulation.md").write_text(report)
