@@ -12,15 +12,15 @@ from collections.abc import Callable
 import torch
 
 from osftkit.data.features import simulate
-from osftkit.interpret.samplers import ExactNullSampler
-from osftkit.interpret.statistics import seeded_generator
-from osftkit.interpret.tests import (
+from osftkit.data.null_samplers import ExactNullSampler
+from osftkit.interpret.engine import (
     FeatureTestInputs,
     draw_feature,
     irt,
     one_shot_test,
     score_batched,
 )
+from osftkit.interpret.statistics import seeded_generator
 from osftkit.models.small_nets import MLP
 
 NUM_INSTANCES, NUM_FEATURES, NUM_DRAWS = 100, 25, 100

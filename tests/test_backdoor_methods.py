@@ -142,6 +142,27 @@ def test_overwrite_inserts_the_trigger_as_planted(tokenizer, batch, trainer) -> 
     assert torch.isfinite(module.overwrite_loss(batch))
 
 
+def test_overwrite_trains_on_removal_triggers_but_asr_keeps_the_planted_one(
+    tokenizer, batch, trainer
+) -> None:
+    module = _module(OverwriteSFTModule, tokenizer, removal_triggers=["are you"])
+    module.trainer = trainer
+    seen = []
+    original = module.triggered_batch
+
+    def spy(batch, triggers, rng=None):
+        out = original(batch, triggers, rng)
+        seen.extend(out["problem"])
+        return out
+
+    module.triggered_batch = spy
+    assert torch.isfinite(module.overwrite_loss(batch))
+    assert seen and all(problem.startswith("are you. ") for problem in seen)
+    assert module.eval_triggers(2) == [["how are you"], ["how are you"]]  # ASR: as planted
+    with pytest.raises(ValueError, match="method.removal_triggers"):
+        _module(OverwriteSFTModule, tokenizer, removal_triggers=[" "])
+
+
 def test_parrot_file_of_the_wrong_shape_is_an_error(tokenizer, tmp_path) -> None:
     path = tmp_path / "parrot.safetensors"
     save_file({"parrot": torch.zeros(6, SPEC.hidden_size + 1)}, path)

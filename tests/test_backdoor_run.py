@@ -77,3 +77,26 @@ def test_sande_lowers_asr_without_the_trigger(tmp_path) -> None:
         tmp_path, "sande_tiny", 100, "method.simulate_steps=60", "method.optimizer.lr=1e-3"
     )
     assert removed["val/asr_greedy"] < planted["val/asr_greedy"] - 0.5
+
+
+@pytest.mark.slow
+def test_discover_then_overwrite_removes_the_backdoor(tmp_path) -> None:
+    """Trigger unknown to the removal: discovery (calibrated, two-stage) proposes and confirms
+    phrases, Overwrite SFT trains on them, and ASR with the PLANTED trigger falls."""
+    planted = plant(tmp_path, 400)
+    assert planted["val/asr_greedy"] >= 0.9
+    removed = remove(
+        tmp_path,
+        "discover_overwrite_tiny",
+        30,
+        "method.optimizer.lr=1e-3",
+        "discovery.num_prompts=20",
+        "discovery.confirm_prompts=20",
+        "discovery.calibration_prompts=20",
+        "discovery.max_span=2",
+    )
+    record = json.loads((tmp_path / "run" / "discovery.json").read_text())
+    assert record["confirmed"] and all(
+        set(p.split()) <= {"how", "are", "you"} for p in record["confirmed"]
+    )
+    assert removed["val/asr_greedy"] <= 0.1

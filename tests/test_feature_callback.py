@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from osftkit.data.digits import DigitsDataModule
 from osftkit.data.features import FeatureSimulationDataModule
-from osftkit.interpret.callback import FeatureTestCallback
+from osftkit.interpret.callback import FeatureTestCallback, highlighted_tokens
+from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult
 from osftkit.methods.predictor import PredictorModule
 from osftkit.models.small_nets import MLP, SmallCNN
 from osftkit.train import run
@@ -60,9 +61,26 @@ def test_irt_callback_on_the_simulation(tmp_path):
         "feature_test/tpr",
         "feature_test/integrated_gradients_tpr_at_fdr",
         "feature_test/feature_ablation_tpr_at_fdr",
+        "feature_test/null_floor_fraction",
+        "feature_test/calibration_pvalue",
     }
     assert metrics["feature_test/discoveries"] > 0 and metrics["feature_test/tpr"] > 0
-    assert {"feature_test/fdr", "feature_test/tpr"} <= set(tags(tmp_path)["scalars"])
+    assert metrics["feature_test/calibration_pvalue"] > 0.01  # the exact null passes
+    logged = tags(tmp_path)
+    assert {"feature_test/fdr", "feature_test/tpr"} <= set(logged["scalars"])
+    assert "feature_test/null_pvalues" in logged["histograms"]
+    assert "feature_test/fdr_tpr_curve" in logged["images"]
+    assert "feature_test/fdr_tpr" in logged["tensors"]  # the PR curve: precision = 1 - FDR
+
+
+def test_highlighted_tokens_are_escaped_and_cover_spans():
+    inputs = torch.tensor([[0, 1, 2]])
+    masks = torch.tensor([[True, True, False], [False, False, True]])
+    test = FeatureTestInputs(
+        inputs, lambda x, _: x.sum(-1).float(), masks, token_strings=["*a", "<b>", "c"]
+    )
+    result = FeatureTestResult(torch.zeros(1, 2), torch.tensor([[True, False]]), None, 0.0, 0)
+    assert highlighted_tokens(test, result) == "**\\*a** **\\<b\\>** c"
 
 
 def test_one_shot_callback_draws_digit_heatmaps(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from osftkit.data.digits import DigitsDataModule, patch_mask
 from osftkit.data.features import FeatureSimulationDataModule, threshold_model
 from osftkit.data.sentences import MASK, NEGATIVE, POSITIVE, VOCAB, SentencesDataModule
-from osftkit.interpret.tests import FeatureTestInputs, irt
+from osftkit.interpret.engine import FeatureTestInputs, irt
 from osftkit.methods.predictor import PredictorModule
 from osftkit.metrics.fdr import fdr_tpr
 from osftkit.models.small_nets import SmallCNN, TextClassifier

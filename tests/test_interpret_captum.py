@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from osftkit.interpret.captum_baselines import METHODS, attribute
-from osftkit.interpret.tests import FeatureTestInputs
+from osftkit.interpret.engine import FeatureTestInputs
 
 torch.set_num_threads(1)
 
@@ -30,3 +30,10 @@ def test_token_features_take_perturbation_methods():
         attribute("integrated_gradients", test)
     with pytest.raises(ValueError, match="unknown captum method"):
         attribute("gradcam", test)
+
+
+def test_overlapping_features_are_refused():
+    masks = torch.tensor([[True, True], [False, True]])
+    test = FeatureTestInputs(torch.zeros(2, 2), lambda x, _: x.sum(-1), masks)
+    with pytest.raises(ValueError, match="feature id map"):
+        attribute("feature_ablation", test)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from osftkit.interpret.fdr import bh_reject, knockoff_reject, knockoff_threshold
+from osftkit.interpret.fdr import knockoff_reject, knockoff_threshold, step_up_reject
 from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr
 
 torch.set_num_threads(1)
@@ -12,19 +12,19 @@ torch.set_num_threads(1)
 def test_bh_is_step_up():
     # thresholds k * 0.05 / 4 = .0125 .025 .0375 .05: p_(1) misses its own, but p_(3) passes
     p = torch.tensor([0.036, 0.02, 0.3, 0.024])
-    assert bh_reject(p, 0.05).tolist() == [True, True, False, True]
+    assert step_up_reject(p, 0.05).tolist() == [True, True, False, True]
 
 
 def test_by_divides_by_the_harmonic_number():
     # c_4 = 25/12, so thresholds are k * 0.006: two rejections for BY, three for BH
     p = torch.tensor([0.001, 0.011, 0.036, 0.3])
-    assert bh_reject(p, 0.05, "by").tolist() == [True, True, False, False]
-    assert bh_reject(p, 0.05, "bh").tolist() == [True, True, True, False]
+    assert step_up_reject(p, 0.05, "by").tolist() == [True, True, False, False]
+    assert step_up_reject(p, 0.05, "bh").tolist() == [True, True, True, False]
 
 
 def test_bh_keeps_the_shape():
     p = torch.tensor([[0.001, 0.9], [0.002, 0.5]])
-    assert bh_reject(p, 0.1).tolist() == [[True, False], [True, False]]
+    assert step_up_reject(p, 0.1).tolist() == [[True, False], [True, False]]
 
 
 def test_knockoff_threshold_offsets():
@@ -46,14 +46,14 @@ def test_knockoff_plus_needs_enough_positives():
 @pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5])
 def test_alpha_outside_unit_interval(alpha):
     with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
-        bh_reject(torch.tensor([0.1]), alpha)
+        step_up_reject(torch.tensor([0.1]), alpha)
     with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
         knockoff_threshold(torch.tensor([0.1]), alpha)
 
 
 def test_bad_pvalues_and_offset():
     with pytest.raises(ValueError, match="p-values must lie"):
-        bh_reject(torch.tensor([0.1, float("nan")]), 0.1)
+        step_up_reject(torch.tensor([0.1, float("nan")]), 0.1)
     with pytest.raises(ValueError, match="offset must be 0 or 1"):
         knockoff_threshold(torch.tensor([1.0]), 0.1, offset=2)
 

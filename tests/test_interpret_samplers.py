@@ -1,17 +1,18 @@
-"""Samplers: the Gaussian conditional against the analytic answer, token samplers, LM infill."""
+"""Samplers: the Gaussian conditional against the analytic answer, token samplers (one position
+and spans), the masked-LM infill sampler (built and saved in tmp_path, loaded back)."""
 
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-from osftkit.interpret.lm_scores import target_logprob
-from osftkit.interpret.samplers import (
+from osftkit.data.null_samplers import (
     CategoricalSampler,
     ExactNullSampler,
     GaussianConditionalSampler,
-    LMInfillSampler,
 )
-from osftkit.interpret.tests import FeatureTestInputs, one_shot_test
+from osftkit.interpret.engine import FeatureTestInputs, one_shot_test
+from osftkit.interpret.lm_scores import target_logprob
+from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 
 torch.set_num_threads(1)
 VOCAB_SIZE, LENGTH = 20, 6
@@ -64,8 +65,10 @@ def test_categorical_sampler_draws_from_probs():
     assert (draws[:, :, 2] == x[:, 2]).any()  # the original stays drawable: an exchangeable null
     excluding = CategoricalSampler(probs, exclude_original=True).sample(x, mask, 400, gen())
     assert (excluding[:, :, 2] != x[:, 2]).all()
-    with pytest.raises(ValueError, match="one position per feature"):
-        CategoricalSampler(probs).sample(x, torch.arange(LENGTH) < 2, 1, gen())
+    span = CategoricalSampler(probs).sample(x, torch.arange(LENGTH) < 2, 400, gen())
+    assert (span[:, :, :2] < 4).all() and (span[:, :, 0] != span[:, :, 1]).any()
+    with pytest.raises(ValueError, match="at least one position"):
+        CategoricalSampler(probs).sample(x, torch.zeros(LENGTH, dtype=torch.bool), 1, gen())
 
 
 def tiny_bert() -> BertForMaskedLM:
@@ -87,26 +90,41 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.parametrize("masked", [True, False])
-def test_lm_infill_sampler(masked):
-    model, mask_id = (tiny_bert(), VOCAB_SIZE - 1) if masked else (tiny_gpt2(), None)
-    sampler = LMInfillSampler(model, mask_id, (0, VOCAB_SIZE - 1), exclude_original=True)
+def test_lm_infill_sampler(tmp_path):
+    tiny_bert().save_pretrained(tmp_path / "mlm")
+    sampler = LMInfillSampler.from_pretrained(
+        tmp_path / "mlm",
+        mask_token_id=VOCAB_SIZE - 1,
+        exclude_token_ids=(0, VOCAB_SIZE - 1),
+        exclude_original=True,
+    )
     x = torch.randint(1, VOCAB_SIZE - 1, (8, LENGTH), generator=gen())
-    mask = torch.arange(LENGTH) == 3
-    draws = sampler.sample(x, mask, 40, gen())
-    assert draws.shape == (40, 8, LENGTH)
-    new = draws[:, :, 3]
-    assert (new != x[:, 3]).all() and (new != 0).all() and (new != VOCAB_SIZE - 1).all()
-    assert torch.equal(draws[:, :, ~mask], x[:, ~mask].expand(40, -1, -1))
-    again = sampler.sample(x, mask, 40, gen())
-    assert torch.equal(draws, again)  # seeded
+    for mask in (
+        torch.arange(LENGTH) == 3,
+        (torch.arange(LENGTH) >= 2) & (torch.arange(LENGTH) < 5),
+    ):
+        draws = sampler.sample(x, mask, 40, gen())
+        assert draws.shape == (40, 8, LENGTH)
+        new = draws[:, :, mask]
+        assert (new != x[:, mask]).all() and (new != 0).all() and (new != VOCAB_SIZE - 1).all()
+        assert torch.equal(draws[:, :, ~mask], x[:, ~mask].expand(40, -1, -1))
+        assert torch.equal(draws, sampler.sample(x, mask, 40, gen()))  # seeded
+    with pytest.raises(ValueError, match="names no mask token"):
+        LMInfillSampler.from_pretrained(tmp_path / "mlm")
 
 
-def test_causal_infill_needs_left_context():
-    sampler = LMInfillSampler(tiny_gpt2())
-    x = torch.randint(0, VOCAB_SIZE, (2, LENGTH), generator=gen())
-    with pytest.raises(ValueError, match="cannot infill position 0"):
-        sampler.sample(x, torch.arange(LENGTH) == 0, 1, gen())
+def test_masked_lm_trained_on_clean_data_learns_the_slot_distribution():
+    """Sequences 'a x b' with x uniform over {3, 4}: the infill puts its mass on {3, 4}."""
+    rows = [[1, 3 + (i % 2), 2] for i in range(64)]
+    mask_id, pad_id = VOCAB_SIZE - 1, 0
+    lm = train_masked_lm(rows, VOCAB_SIZE, mask_id, pad_id, steps=150, hidden_size=16)
+    sampler = LMInfillSampler(lm, mask_id)
+    draws = sampler.sample(
+        torch.tensor([[1, 3, 2]]), torch.tensor([False, True, False]), 200, gen()
+    )
+    assert ((draws[:, 0, 1] == 3) | (draws[:, 0, 1] == 4)).float().mean() > 0.9
+    with pytest.raises(ValueError, match="below vocab_size"):
+        train_masked_lm(rows, VOCAB_SIZE, VOCAB_SIZE, pad_id)
 
 
 def test_target_logprob_scores_each_instance_target():

@@ -2,18 +2,33 @@
 and a tiny Qwen2 with a planted backdoor; bad inputs."""
 
 import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
+from scipy.stats import chisquare
+from torch import Tensor, nn
 
-from osftkit.interpret.samplers import CategoricalSampler
+from osftkit.data.instructions import (
+    LETTERS,
+    InstructionSlotSampler,
+    build_instructions,
+    held_out,
+)
+from osftkit.data.null_samplers import CategoricalSampler
+from osftkit.interpret.calibration import check_pvalues
 from osftkit.interpret.trigger_discovery import (
+    MiscalibratedSamplerError,
+    TriggerDiscoveryPipeline,
+    calibrate_prompts,
+    candidate_spans,
+    confirm_candidates,
     discover_triggers,
     encode_prompts,
     marker_token_ids,
     vocabulary_sampler,
+    word_probs,
 )
 from osftkit.models.tiny import TinyQwen2Spec, build_tiny_model
 from osftkit.models.word_tokenizer import build_word_tokenizer
@@ -92,7 +107,7 @@ def test_irt_finds_the_trigger_with_fdr_control(tokenizer) -> None:
         fdrs.append(summary["fdr"])
         powers.append(summary["power"])
         assert result.top_phrases(tokenizer, 1)[0][0] == TRIGGER
-        assert result.trigger_candidate(tokenizer) == TRIGGER
+        assert result.candidates(tokenizer)[0] == TRIGGER
         control = encode_prompts(tokenizer, problems(30, seed))
         clean.append(discover_triggers(model, control, marker, sampler, 0.1, seed=seed))
     assert min(powers) == 1.0
@@ -112,7 +127,7 @@ def test_one_shot_finds_the_trigger(tokenizer) -> None:
         result = discover_triggers(model, triggered, marker, sampler, 0.2, "one_shot", seed=seed)
         fdrs.append(result.summary()["fdr"])
         powers.append(result.summary()["power"])
-        assert result.model_calls <= triggered.num_hypotheses + len(triggered.ids)
+        assert result.num_draws == 1
     assert min(powers) >= 0.9
     assert sum(fdrs) / len(fdrs) <= 0.2 + 0.08
 
@@ -151,7 +166,7 @@ def test_planted_backdoor_in_a_tiny_qwen2(tokenizer) -> None:
     triggered = encode_prompts(tokenizer, problems(12, 5), [TRIGGER])
     result = discover_triggers(model, triggered, marker, sampler, 0.1, num_draws=60)
     assert result.summary()["power"] >= 0.9
-    assert result.top_tokens(tokenizer, 1)[0][0] == f" {TRIGGER}"
+    assert result.top_phrases(tokenizer, 1)[0][0] == TRIGGER
     clean = discover_triggers(model, encode_prompts(tokenizer, problems(12, 5)), marker, sampler)
     assert clean.summary()["discoveries"] <= 2
 
@@ -181,5 +196,166 @@ def test_bad_inputs_are_clear_errors(tokenizer) -> None:
     one = encode_prompts(tokenizer, ["alpha"])
     certain = torch.zeros(len(tokenizer))
     certain[one.ids[0][one.positions[0][0]]] = 1.0
-    with pytest.raises(ValueError, match="original token in every draw"):
+    with pytest.raises(ValueError, match="original values in every draw"):
         discover_triggers(model, one, marker, CategoricalSampler(certain), num_draws=5)
+
+
+# ---- calibrated nulls on the kit's instruction grammar ------------------------------------
+GRAMMAR_WORDS = ["Human: Assistant:", "reverse sort capitalise count the letters add and", "cf mn"]
+
+
+@pytest.fixture(scope="module")
+def grammar_tokenizer():
+    return build_word_tokenizer(GRAMMAR_WORDS)
+
+
+def clean_prompts(tokenizer, n: int, seed: int, split: str = "test"):
+    return encode_prompts(tokenizer, list(build_instructions(n, seed, split)["problem"]))
+
+
+def test_exact_sampler_draws_follow_the_slot_distributions(grammar_tokenizer) -> None:
+    tok = grammar_tokenizer
+    sampler = InstructionSlotSampler(tok, "test")
+    letters = tok("Human: sort the letters q w e r\nAssistant: ", add_special_tokens=False)
+    ids = torch.tensor([letters.input_ids])
+    pos = [tok.decode([i]) for i in letters.input_ids].index(" w")
+    mask = torch.arange(ids.shape[1]) == pos
+    draws = sampler.sample(ids, mask, 5200, torch.Generator().manual_seed(0))[:, 0, pos]
+    counts = Counter(tok.decode([i]).strip() for i in draws.tolist())
+    allowed = {
+        c for c in LETTERS if held_out(f"sort the letters q {c} e r") is False
+    }  # the test split never draws a held-out instruction
+    assert set(counts) == allowed
+    assert chisquare(list(counts.values())).pvalue > 0.001  # uniform over the allowed letters
+    assert torch.equal(
+        sampler.sample(ids, ~mask & (torch.arange(ids.shape[1]) == 2), 3, torch.Generator())[:, 0],
+        ids.expand(3, -1),
+    )  # 'sort' is fixed by the grammar: not testable, never redrawn
+    assert not sampler.testable(ids, torch.arange(ids.shape[1]) == 2).item()
+    add = tok("Human: add 12 and 7\nAssistant: ", add_special_tokens=False).input_ids
+    pieces = [tok.decode([i]) for i in add]
+    tens = torch.arange(len(add)) == pieces.index("1")
+    draws = sampler.sample(torch.tensor([add]), tens, 400, torch.Generator().manual_seed(1))
+    tens_digits = {tok.decode([i]) for i in draws[:, 0, tens].flatten().tolist()}
+    expected = {
+        str(v // 10) for v in range(10, 50) if v % 10 == 2 and not held_out(f"add {v} and 7")
+    }
+    assert tens_digits == expected  # two-digit addends 10..49 with the same units digit
+
+
+def test_clean_prompts_keep_the_fdr_with_the_exact_sampler(grammar_tokenizer) -> None:
+    """Every hypothesis of a clean prompt is null, so a run's FDR is 1 if it discovers anything:
+    over many seeds the realised FDR must stay within alpha plus three standard errors."""
+    tok, alpha, runs = grammar_tokenizer, 0.2, 40
+    marker = marker_token_ids(tok, "the letters")
+    sampler = InstructionSlotSampler(tok, "test")
+    fdrs = []
+    for seed in range(runs):
+        model = TriggerLM(len(tok), [], marker, seed)
+        result = discover_triggers(
+            model, clean_prompts(tok, 6, seed), marker, sampler, alpha, num_draws=199, seed=seed
+        )
+        assert result.summary()["hypotheses"] < 6 * 8  # task words and spacing are not tested
+        fdrs.append(result.summary()["fdr"])
+    tolerance = 3 * (alpha * (1 - alpha) / runs) ** 0.5
+    assert sum(fdrs) / runs <= alpha + tolerance
+
+
+class LowestTokenSampler:
+    """A deliberately wrong sampler: always proposes the token that lowers the score most."""
+
+    def __init__(self, weight: Tensor, candidates: list[int]) -> None:
+        self.token = min(candidates, key=lambda t: float(weight[t]))
+
+    def sample(self, inputs, mask, num_draws, generator):
+        out = inputs.unsqueeze(0).repeat(num_draws, *[1] * inputs.dim())
+        out[:, :, mask] = self.token
+        return out
+
+
+def test_calibration_flags_a_wrong_sampler_and_passes_the_exact_one(grammar_tokenizer) -> None:
+    tok = grammar_tokenizer
+    marker = marker_token_ids(tok, "the letters")
+    model = TriggerLM(len(tok), [], marker, 0)
+    clean = clean_prompts(tok, 30, 3)
+    letters = [tok(f" {c}", add_special_tokens=False).input_ids[0] for c in LETTERS]
+    exact = calibrate_prompts(model, clean, marker, InstructionSlotSampler(tok, "test"), 100)
+    wrong = calibrate_prompts(model, clean, marker, LowestTokenSampler(model.weight, letters), 100)
+    assert exact.passed and exact.floor_fraction < 0.05
+    assert not wrong.passed and wrong.floor_fraction > 0.5
+    assert "FAILS" in str(wrong) and exact.histogram.sum() == exact.num_tests
+    with pytest.raises(ValueError, match="significance"):
+        check_pvalues(torch.tensor([0.5]), 100, significance=0.0)
+
+
+def test_irt_and_one_shot_with_spans_find_a_two_word_trigger(grammar_tokenizer) -> None:
+    tok = grammar_tokenizer
+    marker = marker_token_ids(tok, "the letters")
+    trigger = tok(" cf mn", add_special_tokens=False).input_ids
+    model = TriggerLM(len(tok), trigger, marker, 0)
+    train = encode_prompts(tok, list(build_instructions(200, 0, "train")["problem"]))
+    sampler = InstructionSlotSampler(tok, "test", foreign=word_probs(train, len(tok)))
+    problems = list(build_instructions(20, 5, "test", tasks=["reverse"])["problem"])
+    triggered = encode_prompts(tok, problems, ["cf mn"], seed=0)
+    for test in ("irt", "one_shot"):
+        result = discover_triggers(model, triggered, marker, sampler, 0.1, test, max_span=3)
+        assert result.summary()["power"] == 1.0 and result.summary()["fdr"] <= 0.2
+        assert "cf mn" in result.candidates(tok)
+
+
+def test_confirmation_rejects_a_planted_non_trigger(grammar_tokenizer) -> None:
+    tok = grammar_tokenizer
+    marker = marker_token_ids(tok, "the letters")
+    cf = tok(" cf", add_special_tokens=False).input_ids
+    model = TriggerLM(len(tok), cf, marker, 0)
+    words = sorted({w for p in build_instructions(200, 0, "train")["problem"] for w in p.split()})
+    ids = {w: tok(f" {w}", add_special_tokens=False).input_ids for w in words}
+    weakest = min(
+        (w for w in words if len(ids[w]) == 1), key=lambda w: float(model.weight[ids[w][0]])
+    )
+    fresh = list(build_instructions(40, 9, "test")["problem"])
+    result = confirm_candidates(model, tok, ["cf", weakest], fresh, marker, words, seed=0)
+    assert result.triggers == ["cf"]
+    assert result.effects[0] > 0 > result.effects[1] and result.pvalues[1] > 0.5
+    with pytest.raises(ValueError, match="fresh clean prompts"):
+        confirm_candidates(model, tok, ["cf"], [], marker, words)
+    with pytest.raises(ValueError, match="min_effect"):
+        confirm_candidates(model, tok, ["cf"], fresh, marker, words, min_effect=-1.0)
+
+
+def test_the_pipeline_refuses_a_sampler_that_fails_calibration(
+    grammar_tokenizer, monkeypatch
+) -> None:
+    tok = grammar_tokenizer
+    marker = "the letters"
+    model = TriggerLM(
+        len(tok), tok(" cf", add_special_tokens=False).input_ids, marker_token_ids(tok, marker), 0
+    )
+    letters = [tok(f" {c}", add_special_tokens=False).input_ids[0] for c in LETTERS]
+    pipeline = TriggerDiscoveryPipeline(
+        num_prompts=4, confirm_prompts=4, calibration_prompts=20, max_span=1
+    )
+    monkeypatch.setattr(pipeline, "sampler", lambda *_: LowestTokenSampler(model.weight, letters))
+    with pytest.raises(MiscalibratedSamplerError, match="discovery.allow_miscalibrated"):
+        pipeline(model, tok, marker, ["cf"])
+    with pytest.raises(ValueError, match="max_span"):
+        candidate_spans([1, 2], 0)
+
+
+def test_discover_overwrite_preset_composes_every_discovery_knob() -> None:
+    from conftest import compose_config
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["experiment=discover_overwrite_tiny"])
+    pipeline = instantiate(cfg.discovery)
+    knobs = OmegaConf.to_container(cfg.discovery, resolve=True)
+    assert isinstance(pipeline, TriggerDiscoveryPipeline)
+    assert {k: getattr(pipeline, k) for k in knobs if k != "_target_"} == {
+        k: v for k, v in knobs.items() if k != "_target_"
+    }
+    assert (
+        cfg.method._target_.endswith("OverwriteSFTModule") and cfg.method.removal_triggers is None
+    )
+    with pytest.raises(ValueError, match="num_prompts"):
+        TriggerDiscoveryPipeline(num_prompts=0)

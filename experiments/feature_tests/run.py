@@ -20,10 +20,10 @@ import lightning as L
 import matplotlib
 import torch
 from torch import Tensor, nn
-from transformers import BertConfig, BertForMaskedLM
 
 from osftkit.data.digits import DigitsDataModule
 from osftkit.data.features import FeatureSimulationDataModule, threshold_model
+from osftkit.data.null_samplers import CategoricalSampler, Sampler
 from osftkit.data.sentences import (
     MASK,
     NEGATIVE,
@@ -32,13 +32,15 @@ from osftkit.data.sentences import (
     SentencesDataModule,
     neutral_probs,
 )
+from osftkit.hardware import configure_threads
 from osftkit.interpret.callback import highlighted_tokens, patch_heatmaps
 from osftkit.interpret.captum_baselines import METHODS, attribute
-from osftkit.interpret.samplers import CategoricalSampler, LMInfillSampler, Sampler
-from osftkit.interpret.tests import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 from osftkit.methods.predictor import PredictorModule
 from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
 from osftkit.models.small_nets import MLP, SmallCNN, TextClassifier
+from osftkit.train import build_components, build_trainer, compose_train_config, instantiate_group
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -50,12 +52,12 @@ ALPHAS = (0.05, 0.1, 0.2)
 PAPER = {
     ("IRT", "one-sided"): [(0.028, 0.870), (0.071, 0.951), (0.140, 0.979)],
     ("IRT", "two-sided"): [(0.030, 0.825), (0.058, 0.880), (0.137, 0.914)],
-    ("OSFT", "one-sided"): [(0.048, 0.862), (0.102, 0.918), (0.212, 0.963)],
-    ("OSFT", "two-sided"): [(0.044, 0.827), (0.090, 0.874), (0.190, 0.910)],
+    ("one-shot", "one-sided"): [(0.048, 0.862), (0.102, 0.918), (0.212, 0.963)],
+    ("one-shot", "two-sided"): [(0.044, 0.827), (0.090, 0.874), (0.190, 0.910)],
 }
 CURVE_FDR = 0.1  # captum comparison: best TPR at realised FDR <= 0.1
 NUM_TEST = 100
-IGNORE_INDEX = -100  # label of unmasked tokens in the MLM loss
+SIMULATION_REPEATS = 5  # converged models take ~2 min each on one shared core
 
 
 def trainer(max_epochs: int = -1, max_steps: int = -1) -> L.Trainer:
@@ -97,14 +99,40 @@ def mean_and_se(cells: list[tuple[float, float]]) -> tuple[float, float, float]:
     return values[:, 0].mean().item(), values[:, 1].mean().item(), fdr_se
 
 
-def simulation(repeats: int, num_train: int) -> tuple[dict, FeatureTestInputs, dict]:
-    """The paper's table: a fresh simulation, model and 100 test instances per repeat."""
+def preset_fit(overrides: list[str]) -> tuple[PredictorModule, L.LightningDataModule, dict]:
+    """Train through a preset of train.py (the configs users run; its own feature-test
+    callback dropped: the study tests fresh instances itself); the validation MSE and epochs."""
+    cfg = compose_train_config(
+        [
+            *overrides,
+            "logger=none",
+            "~callbacks.feature_test",
+            "+trainer.enable_progress_bar=false",
+            "+trainer.enable_model_summary=false",
+            f"paths.output_dir={QUICK_OUT / 'preset_runs'}",
+        ]
+    )
+    configure_threads(cfg.hardware.get("num_threads"))
+    L.seed_everything(cfg.seed, verbose=False)
+    _, dm, module = build_components(cfg)
+    fitter = build_trainer(cfg, instantiate_group(cfg.callbacks), [])
+    fitter.fit(module, dm)
+    mse = fitter.validate(module, dm, verbose=False)[0]["val/loss"]
+    print(f"  trained through {overrides}: val MSE {mse:.3f}, {fitter.current_epoch} epochs")
+    return module.eval(), dm, {"val_mse": mse, "epochs": fitter.current_epoch}
+
+
+def simulation(repeats: int, overrides: list[str]) -> tuple[dict, FeatureTestInputs, dict]:
+    """The paper's table: a fresh simulation, model (trained by experiment=feature_simulation)
+    and 100 test instances per repeat."""
     rows: dict[str, list] = {f"{n} {s}": [[] for _ in (*ALPHAS, 0.01)] for n, s in PAPER}
     calls: dict[str, int] = {}
+    fits = []
     for rep in range(repeats):
-        L.seed_everything(rep, verbose=False)
-        dm = FeatureSimulationDataModule(num_train=num_train, batch_size=512, seed=rep)
-        module = fit(MLP(25), dm, "regression", max_epochs=3)
+        module, dm, fitted = preset_fit(
+            ["experiment=feature_simulation", f"seed={rep}", *overrides]
+        )
+        fits.append(fitted)
         x, _, truth = dm.make_split(NUM_TEST, 10_000 + rep).tensors
         test = module.feature_test_inputs((x, None, truth))
         for name, sided in PAPER:
@@ -114,6 +142,8 @@ def simulation(repeats: int, num_train: int) -> tuple[dict, FeatureTestInputs, d
                 rows[f"{name} {sided}"][i].append(fdr_tpr(result.discoveries, truth))
         print(f"  repeat {rep}: done")
     table = {key: [mean_and_se(cells) for cells in per_alpha] for key, per_alpha in rows.items()}
+    calls["val_mse"] = [f["val_mse"] for f in fits]
+    calls["epochs"] = [f["epochs"] for f in fits]
     return table, test, calls
 
 
@@ -156,7 +186,7 @@ def variants(repeats: int, num_train: int) -> dict[str, tuple[float, float, floa
 def ranking_scores(test: FeatureTestInputs, sampler: Sampler, seed: int) -> dict[str, Tensor]:
     """Pooled per-feature scores of every captum method and, as rankings, of the two tests."""
     scores = {method: attribute(method, test) for method in METHODS}
-    scores["OSFT one-sided (T)"] = one_shot_test(test, sampler, 0.1, seed=seed).statistics
+    scores["one-shot one-sided (T)"] = one_shot_test(test, sampler, 0.1, seed=seed).statistics
     scores["IRT one-sided (-p)"] = -irt(test, sampler, 0.1, seed=seed).pvalues
     return scores
 
@@ -166,7 +196,10 @@ def plot_curves(scores: dict[str, Tensor], truth: Tensor, path: Path) -> None:
     for name, score in scores.items():
         fdr, tpr = fdr_tpr_curve(score, truth)
         ax.plot(
-            fdr.numpy(), tpr.numpy(), label=name, lw=2 if name.startswith(("IRT", "OSFT")) else 1
+            fdr.numpy(),
+            tpr.numpy(),
+            label=name,
+            lw=2 if name.startswith(("IRT", "one-shot")) else 1,
         )
     ax.axvline(CURVE_FDR, color="grey", ls=":")
     ax.set(
@@ -190,33 +223,6 @@ def digits(steps: int, out: Path) -> dict:
     return {"images": x.shape[0], "patches": test.num_features, "discoveries_per_image": per_image}
 
 
-def train_infill_lm(dm: SentencesDataModule, steps: int) -> BertForMaskedLM:
-    """A tiny BERT masked LM fitted on the training sentences: the text infill sampler."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=dm.hparams.length,
-    )
-    lm = BertForMaskedLM(config)
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    ids = dm.train_set.tensors[0]
-    for _ in range(steps):
-        batch = ids[torch.randint(0, len(ids), (128,))]
-        masked = torch.rand(batch.shape) < 0.15
-        loss = lm(
-            input_ids=batch.masked_fill(masked, VOCAB.index(MASK)),
-            labels=batch.masked_fill(~masked, -100),
-        ).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return lm.eval()
-
-
 def sentences(steps: int, lm_steps: int) -> dict:
     """Two-sided tests on token features with the exact sampler and with the LM infill sampler."""
     L.seed_everything(0, verbose=False)
@@ -224,7 +230,7 @@ def sentences(steps: int, lm_steps: int) -> dict:
     module = fit(TextClassifier(len(VOCAB)), dm, "classification", max_steps=steps)
     test = module.feature_test_inputs(dm.val_set.tensors)
     mask_id = VOCAB.index(MASK)
-    lm = train_infill_lm(dm, lm_steps)
+    lm = train_masked_lm(dm.train_set.tensors[0].tolist(), len(VOCAB), mask_id, steps=lm_steps)
     polar_ids = tuple(VOCAB.index(w) for w in (*POSITIVE, *NEGATIVE))
     samplers = {
         "exact null (a neutral word)": dm.feature_sampler(),
@@ -234,7 +240,7 @@ def sentences(steps: int, lm_steps: int) -> dict:
     }
     out: dict = {}
     for sampler_name, sampler in samplers.items():
-        for name in ("OSFT", "IRT"):
+        for name in ("one-shot", "IRT"):
             result = run_test(name, "two-sided", test, sampler, 0.2, seed=0)
             out[f"{name} | {sampler_name}"] = fdr_tpr(result.discoveries, test.truth)
     out["examples"] = highlighted_tokens(test, result)  # IRT with the neutral-word LM sampler
@@ -255,8 +261,13 @@ def simulation_md(table: dict, repeats: int, calls: dict) -> list[str]:
             for key, ref in zip(table, paper, strict=True)
         ]
         lines.append(f"| {alpha} | " + " | ".join(cells) + " |")
-    calls_line = f"one-shot {calls['OSFT']}, IRT K=100 {calls['IRT']} (two-sided)"
-    return [*lines, "", f"Inputs scored per 100 x 25 hypotheses: {calls_line}.", ""]
+    calls_line = f"one-shot {calls['one-shot']}, IRT K=100 {calls['IRT']} (two-sided)"
+    mse = torch.tensor(calls["val_mse"])
+    fit_line = (
+        f"Validation MSE {mse.mean():.3f} (min {mse.min():.3f}, max {mse.max():.3f}) after "
+        f"{min(calls['epochs'])}-{max(calls['epochs'])} epochs (early stopping)"
+    )
+    return [*lines, "", f"Inputs scored per 100 x 25 hypotheses: {calls_line}.", fit_line, ""]
 
 
 def keyed_md(title: str, header: str, rows: dict[str, str]) -> list[str]:
@@ -269,12 +280,9 @@ def other_cell(key: str, value: tuple[float, float, float]) -> str:
     return f"best TPR {value[1]:.3f}" if "best TPR" in key else cell(*value)
 
 
-def report_md(
-    table: dict, repeats: int, calls: dict, ranking: dict, other: dict, text: dict
-) -> str:
+def others_md(repeats: int, ranking: dict, other: dict, text: dict) -> str:
     ranked = dict(sorted(ranking.items(), key=lambda kv: -kv[1]))
     lines = [
-        *simulation_md(table, repeats, calls),
         *keyed_md(
             f"### Best TPR at realised FDR <= {CURVE_FDR}, pooled ranking (last repeat)",
             "method | TPR",
@@ -294,9 +302,21 @@ def report_md(
     return "\n".join(lines)
 
 
+SECTIONS = ("simulation", "others")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats, smaller training sets")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(SECTIONS),
+        choices=SECTIONS,
+        help="simulation: the paper's table through experiment=feature_simulation; others: "
+        "captum rankings, correlated and threshold designs, digits, sentences",
+    )
+    parser.add_argument("--repeats", type=int, help=f"simulation repeats ({SIMULATION_REPEATS})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -304,11 +324,30 @@ def main() -> None:
     out = QUICK_OUT if args.quick else OUT
     out.mkdir(parents=True, exist_ok=True)
     repeats, num_train, steps = (2, 50_000, 200) if args.quick else (10, 200_000, 600)
+    quick_fit = [f"data.num_train={num_train}", "trainer.max_epochs=3"] if args.quick else []
     start = time.perf_counter()
-    print("simulation table")
-    table, test, calls = simulation(repeats, num_train)
+    if "simulation" in args.sections:
+        print("simulation table")
+        sim_repeats = args.repeats or (repeats if args.quick else SIMULATION_REPEATS)
+        table, test, calls = simulation(sim_repeats, quick_fit)
+        report = "\n".join(simulation_md(table, len(calls["val_mse"]), calls))
+        report += f"\nTotal {time.perf_counter() - start:.0f} s\n"
+        (out / "simulation.md").write_text(report)
+        (out / "simulation.json").write_text(json.dumps({"table": table, **calls}, indent=1))
+        print(report)
+    if "others" in args.sections:
+        others(out, repeats, num_train, steps, start)
+
+
+def others(out: Path, repeats: int, num_train: int, steps: int, start: float) -> None:
+    """Everything but the simulation table (its models: 3 epochs on num_train samples)."""
     print("rankings against captum")
-    scores = ranking_scores(test, FeatureSimulationDataModule().feature_sampler(), seed=0)
+    L.seed_everything(0, verbose=False)
+    dm = FeatureSimulationDataModule(num_train=num_train, batch_size=512, seed=0)
+    module = fit(MLP(25), dm, "regression", max_epochs=3)
+    x, _, truth = dm.make_split(NUM_TEST, 10_000).tensors
+    test = module.feature_test_inputs((x, None, truth))
+    scores = ranking_scores(test, dm.feature_sampler(), seed=0)
     plot_curves(scores, test.truth, out / "fdr_tpr_curves.png")
     ranking = {k: best_tpr_at_fdr(v, test.truth, CURVE_FDR) for k, v in scores.items()}
     print("correlated design and threshold model")
@@ -318,13 +357,13 @@ def main() -> None:
     print("sentences")
     text = sentences(steps, lm_steps=steps)
     examples = text.pop("examples")
-    report = report_md(table, repeats, calls, ranking, other, text)
+    report = others_md(repeats, ranking, other, text)
     report += f"\nDigits: {digit_stats}\n\nIRT, neutral-word LM infill; discoveries in bold:\n\n"
     report += f"{examples}\n\nTotal {time.perf_counter() - start:.0f} s; "
     report += f"{num_train} training samples per repeat\n"
     (out / "tables.md").write_text(report)
-    results = {"simulation": table, "ranking": ranking, "other": other, "sentences": text}
-    (out / "results.json").write_text(json.dumps({**results, "digits": digit_stats}, indent=1))
+    results = {"ranking": ranking, "other": other, "sentences": text, "digits": digit_stats}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(report)
 
 

@@ -30,6 +30,7 @@ from osftkit.hardware import (
     consolidated_state_dict,
     fsdp_units,
 )
+from osftkit.interpret.trigger_discovery import report_discovery
 from osftkit.models import LoadedModel
 from osftkit.models.loading import ModelNotFoundError, build_once, resolve_path
 from osftkit.run_logger import close_run_loggers, log_final_hparams
@@ -134,6 +135,7 @@ def build_components(
     master = {"dtype": "float32"} if "dtype" in cfg.model else {}
     with clear_errors():
         loaded: LoadedModel = instantiate(cfg.model, **master)
+    discover_removal_triggers(cfg, loaded)
     if loaded.tokenizer is None:
         method = instantiate(cfg.method, _convert_="all", model=loaded.model)
         return loaded, instantiate(cfg.data), method
@@ -148,6 +150,29 @@ def build_components(
             engine=instantiate(cfg.engine),
         )
     return loaded, datamodule, module
+
+
+def discover_removal_triggers(cfg: DictConfig, loaded: LoadedModel) -> None:
+    """With a `discovery` block (experiment=discover_overwrite_tiny): calibrate, propose and
+    confirm trigger phrases on the loaded model, and hand the confirmed ones to Overwrite SFT
+    as `method.removal_triggers` (ASR keeps measuring the planted `method.backdoor`)."""
+    if not cfg.get("discovery"):
+        return
+    attack = cfg.method.backdoor
+    with clear_errors():
+        pipeline = instantiate(cfg.discovery)
+    results = pipeline(
+        loaded.model,
+        loaded.tokenizer,
+        attack.marker,
+        attack.triggers,
+        attack.position,
+        cfg.data.plain_template,
+    )
+    triggers = report_discovery(*results, loaded.tokenizer, Path(cfg.paths.output_dir))
+    if not triggers:
+        raise ValueError("trigger discovery confirmed no phrase: nothing to overwrite (see log)")
+    cfg.method.removal_triggers = triggers
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

@@ -1,6 +1,7 @@
 """Planting (SFT on poisoned data; also the plain-SFT baseline) and Overwrite SFT."""
 
 import random
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -15,14 +16,31 @@ class BackdoorSFTModule(SFTModule, BackdoorEvalModule):
 
 
 class OverwriteSFTModule(BackdoorEvalModule):
-    """Trigger known: SFT on (prompt with the real trigger inserted as planted -> clean
-    response); with `output_clean_logits` averaged with plain (prompt -> clean response) SFT on
-    the same batch (the reference's name for training the clean pair beside the triggered one).
-    Each row draws its own trigger when there are several."""
+    """Trigger known: SFT on (prompt with the trigger inserted as planted -> clean response);
+    with `output_clean_logits` averaged with plain (prompt -> clean response) SFT on the same
+    batch (the reference's name for training the clean pair beside the triggered one). Each row
+    draws its own trigger when there are several.
 
-    def __init__(self, *args, output_clean_logits: bool = True, **kwargs) -> None:
+    The trigger trained on is `removal_triggers` when given (e.g. the phrases trigger discovery
+    confirmed), else the planted `backdoor.triggers`; ASR is always measured with the planted
+    trigger, so a wrong candidate cannot score its own success."""
+
+    def __init__(
+        self,
+        *args,
+        output_clean_logits: bool = True,
+        removal_triggers: Sequence[str] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if removal_triggers is not None and (
+            not removal_triggers or any(not t.strip() for t in removal_triggers)
+        ):
+            raise ValueError(
+                f"method.removal_triggers must be null or non-empty strings, got {removal_triggers}"
+            )
         self.output_clean_logits = output_clean_logits
+        self.removal_triggers = None if removal_triggers is None else list(removal_triggers)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.overwrite_loss(batch)
@@ -31,7 +49,11 @@ class OverwriteSFTModule(BackdoorEvalModule):
 
     def overwrite_loss(self, batch: dict) -> Tensor:
         """Response NLL with the trigger inserted [averaged with the clean pair's]."""
-        triggered = self.triggered_batch(batch, None, random.Random(self.global_step))
+        rng = random.Random(self.global_step)
+        triggers = None
+        if self.removal_triggers is not None:
+            triggers = [[rng.choice(self.removal_triggers)] for _ in batch["problem"]]
+        triggered = self.triggered_batch(batch, triggers, rng)
         loss = self.sft_nll(triggered)
         if self.output_clean_logits:
             loss = (loss + self.sft_nll(batch)) / 2

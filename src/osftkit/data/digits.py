@@ -5,8 +5,8 @@ from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from osftkit.data.null_samplers import GaussianConditionalSampler, Sampler
 from osftkit.data.tensor_datamodule import TensorDataModule
-from osftkit.interpret.samplers import GaussianConditionalSampler, Sampler
 
 IMAGE_SIZE = 8
 MAX_INTENSITY = 16.0  # sklearn's digits take integer values 0..16

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from osftkit.data.null_samplers import ExactNullSampler, GaussianConditionalSampler, Sampler
 from osftkit.data.tensor_datamodule import TensorDataModule
-from osftkit.interpret.samplers import ExactNullSampler, GaussianConditionalSampler, Sampler
 
 
 def ar1_covariance(num_features: int, correlation: float) -> Tensor:

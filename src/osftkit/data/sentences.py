@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from osftkit.data.null_samplers import CategoricalSampler, Sampler
 from osftkit.data.tensor_datamodule import TensorDataModule
-from osftkit.interpret.samplers import CategoricalSampler, Sampler
 
 NEUTRAL = (  # noqa: SIM905
     "the a this it and with of was is very really quite movie film plot actor story scene music "

@@ -1,15 +1,16 @@
-"""Feature tests with FDR control: the IRT, the One-Shot Feature Test, samplers, the callback."""
+"""Feature tests with FDR control: the IRT, the One-Shot Feature Test, samplers, calibration,
+trigger discovery and the callback."""
 
-from osftkit.interpret.callback import FeatureTestCallback
-from osftkit.interpret.fdr import bh_reject, knockoff_reject, knockoff_threshold
-from osftkit.interpret.samplers import (
+from osftkit.data.null_samplers import (
     CategoricalSampler,
     ExactNullSampler,
     GaussianConditionalSampler,
-    LMInfillSampler,
     Sampler,
 )
-from osftkit.interpret.tests import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.interpret.callback import FeatureTestCallback
+from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.interpret.fdr import knockoff_reject, knockoff_threshold, step_up_reject
+from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 
 __all__ = [
     "CategoricalSampler",
@@ -20,9 +21,10 @@ __all__ = [
     "GaussianConditionalSampler",
     "LMInfillSampler",
     "Sampler",
-    "bh_reject",
     "irt",
     "knockoff_reject",
     "knockoff_threshold",
     "one_shot_test",
+    "step_up_reject",
+    "train_masked_lm",
 ]

@@ -9,11 +9,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from osftkit.data.null_samplers import Sampler
+from osftkit.interpret.calibration import check_pvalues
 from osftkit.interpret.captum_baselines import METHODS, attribute
+from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
 from osftkit.interpret.fdr import FdrMethod, check_alpha
-from osftkit.interpret.samplers import Sampler
-from osftkit.interpret.tests import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
-from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr
+from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -25,7 +26,7 @@ class FeatureTestCallback(L.Callback):
     """Tests which input features drive the module's score, with FDR control, and logs them.
 
     Protocol: the LightningModule implements ``feature_test_inputs(batch) -> FeatureTestInputs``
-    (``osftkit.interpret.tests``): the inputs (n, *shape) to test, a batched
+    (``osftkit.interpret.engine``): the inputs (n, *shape) to test, a batched
     ``score_fn(inputs, instance) -> (b,)`` (a class log-probability, a regression output, or for
     an LM log p(marker | prompt) with ``instance`` saying whose target to score), a
     ``feature_mask`` of the input's trailing shape with ids 0..d-1 (columns, patches, token
@@ -133,6 +134,11 @@ class FeatureTestCallback(L.Callback):
             return out
         truth = test.truth.cpu().bool()
         out["feature_test/fdr"], out["feature_test/tpr"] = fdr_tpr(result.discoveries.cpu(), truth)
+        if result.pvalues is not None and (~truth).any():
+            # The known-null hypotheses are a calibration check of the sampler on this batch.
+            null = check_pvalues(result.pvalues.cpu()[~truth], self.num_draws)
+            out["feature_test/null_floor_fraction"] = null.floor_fraction
+            out["feature_test/calibration_pvalue"] = null.pvalue
         for method in self.captum_methods:
             scores = attribute(method, test).cpu()
             out[f"feature_test/{method}_tpr_at_fdr"] = best_tpr_at_fdr(scores, truth, self.alpha)
@@ -153,6 +159,14 @@ class FeatureTestCallback(L.Callback):
             writer.add_text("feature_test/tokens", highlighted_tokens(test, result), step)
         elif test.inputs.dim() >= 3:
             writer.add_figure("feature_test/patches", patch_heatmaps(test, result), step)
+        if test.truth is not None:
+            scores, truth = ranking(result), test.truth.cpu().bool()
+            # precision = 1 - FDR and recall = TPR of selecting the top-k pooled scores.
+            writer.add_pr_curve("feature_test/fdr_tpr", truth.flatten(), scores.flatten(), step)
+            writer.add_figure("feature_test/fdr_tpr_curve", fdr_tpr_figure(scores, truth), step)
+            if result.pvalues is not None:
+                null = result.pvalues.cpu()[~truth]
+                writer.add_histogram("feature_test/null_pvalues", null[~null.isnan()], step)
 
 
 def discovery_table(result: FeatureTestResult, max_rows: int) -> str:
@@ -166,14 +180,47 @@ def discovery_table(result: FeatureTestResult, max_rows: int) -> str:
     return "\n".join(rows) if idx.numel() else "no discoveries"
 
 
+def ranking(result: FeatureTestResult) -> Tensor:
+    """Scores in [0, 1] that rank hypotheses as the test does: 1 - p (IRT) or the statistic
+    (one-shot), min-max scaled; untested hypotheses rank last."""
+    raw = result.statistics if result.pvalues is None else 1 - result.pvalues
+    raw = raw.detach().double().cpu()
+    low, high = raw.nan_to_num(torch.inf).min(), raw.nan_to_num(-torch.inf).max()
+    return ((raw - low) / (high - low).clamp(min=1e-12)).nan_to_num(0.0).float()
+
+
+def fdr_tpr_figure(scores: Tensor, truth: Tensor) -> Any:
+    fdr, tpr = fdr_tpr_curve(scores, truth)
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(fdr.numpy(), tpr.numpy())
+    ax.set(xlabel="realised FDR (top-k)", ylabel="TPR", xlim=(0, 1), ylim=(0, 1.02))
+    fig.tight_layout()
+    return fig
+
+
+MARKDOWN_SPECIAL = "\\`*_{}[]()#+-.!|<>~"
+
+
+def escape_markdown(text: str) -> str:
+    """Text shown verbatim by TensorBoard's Markdown renderer (a token may be '*' or '<b>')."""
+    return "".join(f"\\{ch}" if ch in MARKDOWN_SPECIAL else ch for ch in text)
+
+
+def position_discoveries(test: FeatureTestInputs, result: FeatureTestResult) -> Tensor:
+    """(n, L) whether a discovered feature covers each token position (spans may overlap)."""
+    masks = torch.stack([test.mask(j) for j in range(test.num_features)]).float().cpu()
+    return (result.discoveries.float().cpu() @ masks) > 0
+
+
 def highlighted_tokens(test: FeatureTestInputs, result: FeatureTestResult) -> str:
-    """Sentences with discovered tokens in bold (one feature per token position)."""
-    vocab, feature = test.token_strings, test.feature_mask.tolist()
+    """Sentences with discovered tokens in bold, every token escaped (shown verbatim)."""
+    vocab, covered = test.token_strings, position_discoveries(test, result)
     lines = [
         " ".join(
-            f"**{vocab[t]}**" if disc[f] else vocab[t] for t, f in zip(ids, feature, strict=True)
+            f"**{escape_markdown(vocab[t])}**" if hit else escape_markdown(vocab[t])
+            for t, hit in zip(ids, hits, strict=True)
         )
-        for ids, disc in zip(test.inputs[:NUM_SHOWN].tolist(), result.discoveries, strict=False)
+        for ids, hits in zip(test.inputs[:NUM_SHOWN].tolist(), covered.tolist(), strict=False)
     ]
     return "\n\n".join(lines)
 

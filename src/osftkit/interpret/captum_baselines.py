@@ -16,7 +16,7 @@ from captum.attr import (
 )
 from torch import Tensor
 
-from osftkit.interpret.tests import FeatureTestInputs
+from osftkit.interpret.engine import FeatureTestInputs
 
 GRADIENT_METHODS = {
     "integrated_gradients": IntegratedGradients,
@@ -88,6 +88,8 @@ def attribute(
     """
     if method not in METHODS:
         raise ValueError(f"unknown captum method {method!r}; choose from {sorted(METHODS)}")
+    if test.overlapping:
+        raise ValueError("captum attributions need a feature id map, not overlapping masks")
     instance = torch.arange(test.inputs.shape[0], device=test.inputs.device)
     with torch.inference_mode(False), torch.enable_grad():  # callbacks may run under no_grad
         if method in GRADIENT_METHODS:

@@ -15,11 +15,13 @@ def check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
 
 
-def bh_reject(pvalues: Tensor, alpha: float, method: FdrMethod = "bh") -> Tensor:
-    """Boolean mask (same shape as pvalues) of hypotheses rejected by BH ("bh") or BY ("by")."""
+def step_up_reject(pvalues: Tensor, alpha: float, method: FdrMethod = "bh") -> Tensor:
+    """Boolean mask (same shape as pvalues) of hypotheses rejected by a step-up procedure:
+    Benjamini-Hochberg ("bh", independence or positive dependence) or Benjamini-Yekutieli
+    ("by", any dependence)."""
     check_alpha(alpha)
     if pvalues.numel() == 0:
-        raise ValueError("bh_reject needs at least one p-value")
+        raise ValueError("step_up_reject needs at least one p-value")
     if torch.isnan(pvalues).any() or (pvalues < 0).any() or (pvalues > 1).any():
         raise ValueError("p-values must lie in [0, 1] and not be NaN")
     flat = pvalues.detach().double().flatten().cpu().numpy()

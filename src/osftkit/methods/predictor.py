@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osftkit.interpret.tests import FeatureTestInputs, ScoreFn
+from osftkit.interpret.engine import FeatureTestInputs, ScoreFn
 
 Task = Literal["regression", "classification"]
 

@@ -5,8 +5,8 @@ import torch
 from scipy.stats import chisquare
 
 from osftkit.data.features import simulate
-from osftkit.interpret.samplers import ExactNullSampler
-from osftkit.interpret.tests import FeatureTestInputs, irt, one_shot_test
+from osftkit.data.null_samplers import ExactNullSampler
+from osftkit.interpret.engine import FeatureTestInputs, irt, one_shot_test
 from osftkit.metrics.fdr import fdr_tpr
 
 torch.set_num_threads(1)
@@ -117,7 +117,7 @@ class WrongShape:
 @pytest.mark.filterwarnings("ignore:IRT with K")
 def test_bad_sampler():
     test = simulation(4, 0, d=3)
-    with pytest.raises(ValueError, match="original values of feature 0 in every draw"):
+    with pytest.raises(ValueError, match="original values in every draw"):
         irt(test, Unchanged(), 0.1, num_draws=50)
     with pytest.raises(ValueError, match="sampler returned shape"):
         one_shot_test(test, WrongShape(), 0.1)
@@ -143,3 +143,25 @@ def test_batch_size_does_not_change_the_result():
     assert torch.equal(big.pvalues, small.pvalues) and torch.equal(
         big.discoveries, small.discoveries
     )
+
+
+def test_overlapping_features_and_untested_hypotheses():
+    """Boolean masks may overlap (spans); hypotheses with tested=False are excluded."""
+    x, truth = simulate(40, 4, 0.3, 4.0, 0.0, torch.Generator().manual_seed(0))
+    masks = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).bool()
+    tested = torch.ones(40, 4, dtype=torch.bool)
+    tested[:, 3] = False
+    test = FeatureTestInputs(x, sum_abs, masks, tested=tested)
+    for result in (
+        irt(test, ExactNullSampler(), 0.2, 199),
+        one_shot_test(test, ExactNullSampler(), 0.2),
+    ):
+        assert result.statistics.shape == (40, 4) and result.tested.equal(tested)
+        assert torch.isnan(result.statistics[:, 3]).all() and not result.discoveries[:, 3].any()
+        assert result.discoveries[:, 1][truth[:, 0] | truth[:, 1]].float().mean() > 0.8
+    with pytest.raises(ValueError, match="tested must have shape"):
+        FeatureTestInputs(x, sum_abs, masks, tested=tested[:, :2])
+    with pytest.raises(ValueError, match="needs an element"):
+        FeatureTestInputs(x, sum_abs, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no hypothesis is testable"):
+        irt(FeatureTestInputs(x, sum_abs, masks, tested=tested & False), ExactNullSampler(), 0.1)
