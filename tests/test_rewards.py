@@ -39,7 +39,9 @@ def test_extract_gsm8k():
     ],
 )
 def test_math_checker(response, gold, ok):
-    assert AnswerChecker("boxed", "math")(response, gold) is ok
+    # Equivalence, not speed: math-verify's own 5 s, so a loaded CI core cannot turn a slow
+    # sympy comparison into a wrong answer (the 1 s default is tested on stalling answers).
+    assert AnswerChecker("boxed", "math", timeout_s=5)(response, gold) is ok
 
 
 def test_exact_checker_is_strict():
@@ -75,8 +77,8 @@ def test_parallel_scoring_equals_serial():
     responses = [r"\boxed{0.5}", r"\boxed{\frac{2}{4}}", r"\boxed{3}", "none", r"\boxed{(x+1)^2}"]
     golds = [r"\frac{1}{2}", "0.5", "4", "1", "x^2+2x+1"]
     responses, golds = responses * 5, golds * 5
-    serial = AnswerChecker("boxed", "math").score(responses, golds)
-    parallel = AnswerChecker("boxed", "math", num_workers=2)
+    serial = AnswerChecker("boxed", "math", timeout_s=5).score(responses, golds)
+    parallel = AnswerChecker("boxed", "math", timeout_s=5, num_workers=2)
     assert parallel.score(responses, golds) == serial
     assert serial == [True, True, False, False, True] * 5
     assert parallel._pool is not None  # the batch did go to the workers
