@@ -61,7 +61,7 @@ def configure_console() -> None:
 
 
 class StepProgressBar(ProgressBar):
-    """One rich bar over a whole fit (optimiser steps of `max_steps`: done, elapsed, time
+    """One rich bar over a whole fit (optimiser steps of the fit: done, elapsed, time
     left), for the kit's long steps, such as building a base, where per-epoch bars mislead."""
 
     def __init__(self, description: str, log_every_fraction: float = 0.1) -> None:
@@ -70,7 +70,7 @@ class StepProgressBar(ProgressBar):
         self.log_every_fraction = log_every_fraction
         self.progress: Progress | None = None
         self.task: TaskID | None = None
-        self.next_logged = 0
+        self.next_logged = self.total = 0
 
     def disable(self) -> None:
         self.enabled = False
@@ -90,8 +90,10 @@ class StepProgressBar(ProgressBar):
             TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=trainer.max_steps)
-        self.next_logged = self.log_step(trainer.max_steps)
+        # Lightning's own total: max_steps, or the steps of max_epochs when max_steps is -1.
+        self.total = int(trainer.estimated_stepping_batches)
+        self.task = self.progress.add_task(self.description, total=self.total)
+        self.next_logged = self.log_step(self.total)
 
     def log_step(self, total: int) -> int:
         return max(1, round(total * self.log_every_fraction))
@@ -109,11 +111,11 @@ class StepProgressBar(ProgressBar):
                 "%s: step %d/%d, %s elapsed, about %s left",
                 self.description,
                 trainer.global_step,
-                trainer.max_steps,
+                self.total,
                 timedelta(seconds=round(task.elapsed or 0)),
                 timedelta(seconds=round(left)) if left is not None else "?",
             )
-            self.next_logged += self.log_step(trainer.max_steps)
+            self.next_logged += self.log_step(self.total)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.progress is not None:
