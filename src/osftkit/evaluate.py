@@ -40,8 +40,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     (tau_sweep.png, and in TensorBoard's IMAGES tab as `eval/tau_sweep`)."""
     configure_console()
     resolve_hardware(cfg)  # before the model loads: a GPU option without a GPU stops here
+    build_missing_base(cfg.model)  # a build sets its own threads: this run's are set after it
     configure_threads(cfg.hardware.get("num_threads"))
-    build_missing_base(cfg.model)
     L.seed_everything(cfg.seed, workers=True)
     _, datamodule, module = build_components(cfg)
     if cfg.get("ckpt_path"):

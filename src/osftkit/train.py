@@ -213,15 +213,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before and after) as configured; returns the final metrics."""
     configure_console()
     resolve_hardware(cfg)
+    build_missing_base(cfg.model)  # a build sets its own threads: this run's are set after it
     configure_threads(cfg.hardware.get("num_threads"))
-    build_missing_base(cfg.model)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(cfg)
     loaded, datamodule, module = build_components(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     with clear_errors():
         callbacks = instantiate_group(cfg.get("callbacks"))
-    trainer = build_trainer(cfg, callbacks, loggers)
+    last_validation = LastValidationStep()
+    trainer = build_trainer(cfg, [*callbacks, last_validation], loggers)
     if (
         cfg.get("export_dir")
         and cfg.model.get("lora")
@@ -234,7 +235,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     validate_before = cfg.validate_before_fit and not ckpt_path
     before = trainer.validate(module, datamodule)[0] if validate_before else {}
     trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
-    after = trainer.validate(module, datamodule)[0] if cfg.validate_after_fit else {}
+    # A fit whose last step was just validated has its "after" already (each costs a full pass).
+    validate_after = cfg.validate_after_fit and last_validation.step != trainer.global_step
+    after = trainer.validate(module, datamodule)[0] if validate_after else {}
     after = after or {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_dir"):
         export(loaded, cfg.export_dir, trainer.is_global_zero)
@@ -244,6 +247,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         report(before, after)
     return final
+
+
+class LastValidationStep(L.Callback):
+    """The global step of the latest validation (sanity checks aside)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 def export(loaded: LoadedModel, directory: str, writer: bool = True) -> None:
@@ -293,6 +307,8 @@ def build_by_training(overrides: list[str], directory: Path) -> None:
             f"export_dir={directory}",
             f"paths.output_dir={directory.parent / (directory.name.split('.')[0] + '.build')}",
             f"paths.model_dir={directory.parent}",
+            # The job that builds it validates it next (before its fit, or as its evaluation).
+            "trainer.limit_val_batches=0",
         ]
     )
     with open_dict(cfg):  # one bar over the whole build, with the time left

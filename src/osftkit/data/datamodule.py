@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
@@ -82,6 +83,7 @@ class PromptDataModule(LightningDataModule):
             lambda rows: self._encode_batch(rows, with_solution),
             batched=True,
             desc=f"tokenising {name}",
+            new_fingerprint=self._fingerprint(table, "tokenise"),
         )
         empty = [i for i, ids in enumerate(encoded["prompt_ids"]) if not ids]
         if empty:
@@ -89,6 +91,7 @@ class PromptDataModule(LightningDataModule):
         kept = encoded.filter(  # batched: one Arrow slice per 1,000 rows, not a Python dict per row
             lambda rows: [len(ids) <= self.max_prompt_length for ids in rows["prompt_ids"]],
             batched=True,
+            new_fingerprint=self._fingerprint(encoded, "filter"),
         )
         skipped = len(encoded) - len(kept)
         if skipped:
@@ -111,6 +114,15 @@ class PromptDataModule(LightningDataModule):
                     self.max_response_length,
                 )
         return kept
+
+    def _fingerprint(self, table: Dataset, step: str) -> str:
+        """The fingerprint of `step` on `table` (what keys datasets' cache), from the table's and
+        this module's settings: left to itself, datasets dill-pickles the whole module, tokenizer
+        and tokenised splits included, for every call (7 of a run's 11 s of data set-up)."""
+        if not hasattr(self, "_settings_hash"):
+            settings = (self.tokenizer, self.prompt_settings, self.max_response_length)
+            self._settings_hash = Hasher.hash(settings)
+        return Hasher.hash((table._fingerprint, step, self.max_prompt_length, self._settings_hash))
 
     def _encode_batch(self, rows: dict[str, list], with_solution: bool) -> dict[str, list]:
         """`_encode` over a batch of columns (what `Dataset.map(batched=True)` passes)."""

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -333,6 +334,21 @@ class CausalLMModule(LightningModule):
             if settings.greedy:
                 metrics["greedy_acc"] = MeanMetric()
             self.val_metrics[name] = MetricCollection(metrics, compute_groups=False)
+
+    def on_validation_start(self) -> None:
+        """Validation samples from a stream of its own, seeded by (seed, step, rank), and hands
+        the training stream back untouched: how often a run validates, or whether it validated
+        before the fit, does not change what it trains on."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.training_rng = (torch.get_rng_state(), cuda)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed((seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
+
+    def on_validation_end(self) -> None:
+        cpu, cuda = self.training_rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         s = self.validation_settings
