@@ -308,7 +308,7 @@ def build_by_training(overrides: list[str], directory: Path) -> None:
             f"paths.output_dir={directory.parent / (directory.name.split('.')[0] + '.build')}",
             f"paths.model_dir={directory.parent}",
             # The job that builds it validates it next (before its fit, or as its evaluation).
-            "trainer.limit_val_batches=0",
+            "++trainer.limit_val_batches=0",
         ]
     )
     with open_dict(cfg):  # one bar over the whole build, with the time left
