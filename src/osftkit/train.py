@@ -309,6 +309,7 @@ def build_by_training(overrides: list[str], directory: Path) -> None:
             f"paths.model_dir={directory.parent}",
             # The job that builds it validates it next (before its fit, or as its evaluation).
             "++trainer.limit_val_batches=0",
+            "validate_after_fit=false",
         ]
     )
     with open_dict(cfg):  # one bar over the whole build, with the time left
