@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python train.py "$@"
+# Two CPU processes of one thread each when no GPU is visible: the 2-core machine, both cores.
+exec .venv/bin/python train.py ++hardware.cpu_processes=2 "$@"

@@ -151,6 +151,13 @@ def test_a_user_error_prints_one_line_and_hydra_full_error_the_traceback(tmp_pat
     assert "trainer.max_steps must be a number" in full.stderr
 
 
+@pytest.mark.parametrize("count", ["0", "two"])
+def test_cpu_processes_that_are_not_a_positive_count_are_named(fast_cfg, monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="hardware.cpu_processes must be a positive integer"):
+        run(fast_cfg(f"hardware.cpu_processes={count}"))
+
+
 def test_a_k_above_the_sample_count_is_named(fast_cfg):
     with pytest.raises(ValueError, match="k=8 exceeds validation.n_samples=4"):
         build_components(fast_cfg("validation.n_samples=4", "validation.ks=[8]"))

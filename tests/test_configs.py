@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from osftkit.data import PromptDataModule
 from osftkit.data.datamodule import pad_left
+from osftkit.hardware import DEFAULT_THREADS, configure_threads
 from osftkit.methods import CausalLMModule
 from osftkit.models import LoadedModel
 from osftkit.models.loading import HUB_ID, ModelNotFoundError
@@ -224,3 +225,31 @@ def test_small_nets_take_their_input_size_from_the_data(experiment, size, tmp_pa
     assert (
         first.in_features if isinstance(first, torch.nn.Linear) else first.num_embeddings
     ) == expected
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_auto_hardware_runs_cpu_processes_only_without_a_gpu(gpu, tmp_path, monkeypatch):
+    """hardware.cpu_processes=2 (scripts/main.sh): DDP over gloo on 2 CPU processes of one
+    thread each when no GPU is visible; one GPU otherwise."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    cfg = compose_config(["hardware.cpu_processes=2"], tmp_path)
+    resolve_hardware(cfg)
+    assert "cpu_processes" not in cfg.hardware and cfg.hardware.num_threads == 1
+    if gpu:
+        assert cfg.hardware.devices == 1 and "strategy" not in cfg.hardware
+        return
+    trainer = build_trainer(cfg, [], [])
+    assert trainer.world_size == 2 and trainer.strategy.process_group_backend == "gloo"
+
+
+def test_num_threads_null_gives_torch_its_default_of_one_per_core():
+    configure_threads(None)
+    assert torch.get_num_threads() == DEFAULT_THREADS
+    configure_threads(1)
+    assert torch.get_num_threads() == 1
+
+
+def test_the_base_recipe_sees_each_training_solution_once(tmp_path):
+    cfg = compose_config(["experiment=arith_base"], tmp_path)
+    assert cfg.data.train.size == cfg.trainer.max_steps * cfg.data.batch_size
+    assert cfg.hardware.num_threads is None  # the build has the machine to itself

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from osftkit.train import run
-from tests.conftest import FAST, changed_weights, cli
+from tests.conftest import FAST, changed_weights, cli, compose_config
 
 
 def logged(run_dir: Path, tag: str) -> list[float]:
@@ -119,3 +119,38 @@ def test_ddp_sim_runs_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
+
+
+def test_validating_more_often_does_not_change_what_is_trained(tmp_path):
+    """Validation samples from its own stream: Online SFT's rollouts, and so its weights, are the
+    same whether the run validates before the fit and every step or only at the end; and the
+    validation at a step gives the same numbers either way."""
+    runs = {
+        "often": ["trainer.val_check_interval=1", "validate_before_fit=true"],
+        "rarely": ["trainer.val_check_interval=3", "validate_before_fit=false"],
+    }
+    losses, final = {}, {}
+    for name, overrides in runs.items():
+        cfg = compose_config(
+            [*FAST, "method=osft", "trainer.log_every_n_steps=1", *overrides], tmp_path / name
+        )
+        final[name] = run(cfg)
+        losses[name] = logged(tmp_path / name / "run", "train/loss")
+    assert len(losses["often"]) == 3 and losses["often"] == losses["rarely"]
+    assert final["often"]["val/pass@1"] == final["rarely"]["val/pass@1"]
+    assert final["often"]["val/entropy"] == final["rarely"]["val/entropy"]
+
+
+# Lightning logs a validation inside the fit at the index of the batch it follows (2 after the
+# third step); the one after the fit at the global step (3).
+@pytest.mark.parametrize(("interval", "validated_at"), [(3, [0, 2]), (2, [0, 1, 3])])
+def test_the_after_validation_is_the_fits_last_one_when_it_fell_on_the_last_step(
+    fast_cfg, tmp_path, interval, validated_at
+):
+    """validate_after_fit runs a validation only when the fit's last step was not validated."""
+    run(
+        fast_cfg("method=sft", "validate_before_fit=true", f"trainer.val_check_interval={interval}")
+    )
+    accumulator = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events*"))))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("val/pass@1")] == validated_at

@@ -272,6 +272,11 @@ def main() -> None:
     parser.add_argument(
         "--arms", nargs="+", default=[""], help="run only the arms whose name contains one of these"
     )
+    parser.add_argument(
+        "--sweep-bases",
+        action="store_true",
+        help="with --arms: sweep the bases again (after their recipe changed), not read them",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
@@ -280,7 +285,8 @@ def main() -> None:
     )
     everything = args.arms == [""]
     # A partial rerun keeps the saved base sweeps rather than rebuilding both bases.
-    bases = sweep_bases(args.out) if everything or "bases" not in saved else saved["bases"]
+    fresh_bases = everything or args.sweep_bases or "bases" not in saved
+    bases = sweep_bases(args.out) if fresh_bases else saved["bases"]
     results = {} if everything else dict(saved.get("runs", {}))
     for name, arm in ARMS.items():
         if not any(pattern in name for pattern in args.arms):

@@ -58,6 +58,16 @@ def configure_console() -> None:
         category=FutureWarning,
         module="lightning.pytorch.utilities._pytree",
     )
+    # DDP on CPU (hardware.cpu_processes, ddp_sim): Lightning's notes on what the kit does on
+    # purpose. The distributed sampler is the point; torchmetrics syncs the validation metrics
+    # in compute(), so self.log's sync_dist would reduce them twice; the deprecated all_gather
+    # is Lightning's own call.
+    for message in (
+        r"Using `DistributedSampler` with the dataloaders",
+        r"It is recommended to use `self\.log\('val/",
+        r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message)
 
 
 class StepProgressBar(ProgressBar):

@@ -59,6 +59,19 @@ def choose_accelerator(accelerator: str) -> str:
 AUTO_REASONS = {True: "torch sees a CUDA device", False: "no CUDA device is visible"}
 
 
+def cpu_processes(count: Any) -> dict[str, Any]:
+    """`hardware.cpu_processes` of hardware=auto on a machine without a GPU -> the Trainer's
+    devices and strategy: more than one is DDP over gloo, each process with its own threads
+    (`num_threads`); the batch sizes stay global (each rank takes its share)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"hardware.cpu_processes must be a positive integer, got {count!r}")
+    if count == 1:
+        return {"devices": 1}
+    log.info("hardware=auto runs %d CPU processes (DDP over gloo, hardware.cpu_processes)", count)
+    strategy = {"_target_": "lightning.pytorch.strategies.DDPStrategy"}
+    return {"devices": count, "strategy": {**strategy, "process_group_backend": "gloo"}}
+
+
 def module_classes(names: list[str]) -> tuple[type, ...]:
     """Resolve dotted class names (e.g. a model's decoder layer) of the units to shard."""
     if not names:

@@ -28,6 +28,7 @@ from osftkit.hardware import (
     choose_accelerator,
     configure_threads,
     consolidated_state_dict,
+    cpu_processes,
     fsdp_units,
 )
 from osftkit.interpret.trigger_discovery import report_discovery
@@ -71,7 +72,11 @@ def resolve_hardware(cfg: DictConfig) -> None:
     before a base is built or a model loaded."""
     check_trainer_numbers(cfg.trainer)
     with open_dict(cfg):
+        auto = cfg.hardware.get("accelerator", "cpu") == "auto"
         cfg.hardware.accelerator = choose_accelerator(cfg.hardware.get("accelerator", "cpu"))
+        if auto and cfg.hardware.accelerator == "cpu":
+            cfg.hardware.update(cpu_processes(cfg.hardware.get("cpu_processes", 1)))
+        cfg.hardware.pop("cpu_processes", None)  # settled: a second call changes nothing
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list[Logger]) -> L.Trainer:

@@ -167,11 +167,14 @@ class PromptDataModule(LightningDataModule):
         return self.collate(rows)
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
+        # A generator of its own: starting an iterator draws its base seed from it, not from
+        # the global stream that training samples from.
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
         )
 
     def per_rank(self, batch_size: int) -> int:
