@@ -32,6 +32,9 @@ def test_a_run_writes_one_event_file_with_hparams_and_final_metrics(fast_cfg, tm
     events = event_file(tmp_path / "run")  # validate before, fit (whose last step was
     steps = [event.step for event in events.Scalars("val/pass@1")]  # validated: the "after")
     assert steps == [0, 2]  # Lightning logs the fit's validation at its last batch's index
+    # The samples go with their validation: a larger step before a smaller one would make
+    # TensorBoard purge the later points as if the run had restarted.
+    assert [event.step for event in events.Tensors("val/samples/text_summary")] == steps
     final = events.Scalars("final/val/pass@1")
     assert [(e.step, e.value) for e in final] == [(3, pytest.approx(metrics["val/pass@1"]))]
     content = events.PluginTagToContent("hparams")

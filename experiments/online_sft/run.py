@@ -93,7 +93,9 @@ ARMS = {
 
 
 def events(run_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    # Runs of earlier revisions wrote their samples one step ahead of the validation's
+    # scalars; without purge_orphaned_data=False the reader drops every later point.
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), purge_orphaned_data=False)
     accumulator.Reload()
     return accumulator
 

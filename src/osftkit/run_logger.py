@@ -28,6 +28,13 @@ class RunTensorBoardLogger(TensorBoardLogger):
         super().finalize("success")
 
 
+def logger_step(trainer: Any) -> int:
+    """The step Lightning's loggers give what is logged now: inside a fit's validation, the index
+    of the batch it follows (one below `global_step`). A tag written at a larger step before one
+    at a smaller step makes TensorBoard purge the later points as if the run had restarted."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def log_final_hparams(loggers: list[Logger], cfg: DictConfig, metrics: dict, step: int) -> None:
     """The run's config with its final metrics (as `final/<name>` scalars at `step`), so the
     runs of a sweep compare in TensorBoard's HPARAMS tab."""

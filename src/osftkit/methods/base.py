@@ -28,7 +28,7 @@ from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_bac
 from osftkit.metrics import PassAtK
 from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
-from osftkit.run_logger import verbatim_markdown
+from osftkit.run_logger import logger_step, verbatim_markdown
 
 
 @dataclass
@@ -397,7 +397,7 @@ class CausalLMModule(LightningModule):
                     verbatim_markdown(f"{r['problem']}  (gold {r['answer']})\n{r['response']}")
                     for r in rows
                 )
-                logger.experiment.add_text("val/samples", text, self.global_step)
+                logger.experiment.add_text("val/samples", text, logger_step(self.trainer))
 
 
 def flatten(computed: dict) -> dict[str, Tensor]:
