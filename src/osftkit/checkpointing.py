@@ -46,10 +46,25 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+def run_seed() -> int:
+    """The seed `L.seed_everything` set for this run (0 before it is called)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def local_rng_states() -> dict[str, Any]:
+    """This process's torch, CUDA, Python and NumPy RNG states (Lightning's collector)."""
+    return _collect_rng_states(include_cuda=True)
+
+
+def set_local_rng_states(states: dict[str, Any]) -> None:
+    """Put back what `local_rng_states` took."""
+    _set_rng_states(states)
+
+
 def rng_states() -> list[dict[str, Any]]:
     """Every rank's torch, CUDA, Python and NumPy RNG states (Lightning's collector), in types
     that torch.load(weights_only=True) accepts; a collective when several ranks run."""
-    states = _collect_rng_states(include_cuda=True)
+    states = local_rng_states()
     name, keys, *rest = states["numpy"]
     states["numpy"] = [name, keys.tolist(), *rest]
     if not dist.is_initialized():
@@ -69,4 +84,4 @@ def restore_rng_states(states: list[dict[str, Any]] | dict[str, Any]) -> None:
     mine["numpy"] = (name, np.array(keys, dtype=np.uint32), *rest)
     if not torch.cuda.is_available():
         mine.pop("torch.cuda", None)
-    _set_rng_states(mine)
+    set_local_rng_states(mine)

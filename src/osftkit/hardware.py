@@ -26,14 +26,10 @@ MIXED_PRECISION = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "1
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-# torch's own choice (one intra-op thread per physical core), read before anything pins it.
-DEFAULT_THREADS = torch.get_num_threads()
-
-
 def configure_threads(num_threads: int | None) -> None:
-    """Pin torch's intra-op threads; null restores torch's default of one per core, for a job
+    """Pin torch's intra-op threads; null gives one per core this process may run on, for a job
     that has the machine to itself. On small shared CPUs, oversubscription is far slower than 1."""
-    torch.set_num_threads(num_threads or DEFAULT_THREADS)
+    torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
     source = "hardware.num_threads" if num_threads else "hardware.num_threads=null: one per core"
     log.info("torch uses %d CPU thread(s) (%s)", torch.get_num_threads(), source)
 

@@ -72,9 +72,9 @@ def resolve_hardware(cfg: DictConfig) -> None:
     before a base is built or a model loaded."""
     check_trainer_numbers(cfg.trainer)
     with open_dict(cfg):
-        auto = cfg.hardware.get("accelerator", "cpu") == "auto"
-        cfg.hardware.accelerator = choose_accelerator(cfg.hardware.get("accelerator", "cpu"))
-        if auto and cfg.hardware.accelerator == "cpu":
+        requested = cfg.hardware.get("accelerator", "cpu")
+        cfg.hardware.accelerator = choose_accelerator(requested)
+        if requested == "auto" and cfg.hardware.accelerator == "cpu":
             cfg.hardware.update(cpu_processes(cfg.hardware.get("cpu_processes", 1)))
         cfg.hardware.pop("cpu_processes", None)  # settled: a second call changes nothing
 
@@ -238,11 +238,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     # A resumed run's "before" would be the checkpoint's numbers: the first launch reported it.
     validate_before = cfg.validate_before_fit and not ckpt_path
-    before = trainer.validate(module, datamodule)[0] if validate_before else {}
+    before = validate(trainer, module, datamodule) if validate_before else {}
     trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
     # A fit whose last step was just validated has its "after" already (each costs a full pass).
     validate_after = cfg.validate_after_fit and last_validation.step != trainer.global_step
-    after = trainer.validate(module, datamodule)[0] if validate_after else {}
+    after = validate(trainer, module, datamodule) if validate_after else {}
     after = after or {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("export_dir"):
         export(loaded, cfg.export_dir, trainer.is_global_zero)
@@ -252,6 +252,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         report(before, after)
     return final
+
+
+def validate(trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
+    """One validation's metrics; none when there is nothing to validate (limit_val_batches=0)."""
+    results = trainer.validate(module, datamodule)
+    return results[0] if results else {}
 
 
 class LastValidationStep(L.Callback):
@@ -314,7 +320,6 @@ def build_by_training(overrides: list[str], directory: Path) -> None:
             f"paths.model_dir={directory.parent}",
             # The job that builds it validates it next (before its fit, or as its evaluation).
             "++trainer.limit_val_batches=0",
-            "validate_after_fit=false",
         ]
     )
     with open_dict(cfg):  # one bar over the whole build, with the time left

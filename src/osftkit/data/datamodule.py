@@ -1,7 +1,6 @@
 """PromptDataModule: (problem, solution, answer) tables -> tokenised prompt and SFT batches."""
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,6 +11,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from osftkit.checkpointing import run_seed
 from osftkit.data.prompts import MATH_SYSTEM_PROMPT, format_prompt
 from osftkit.rewards import AnswerChecker
 
@@ -174,7 +174,7 @@ class PromptDataModule(LightningDataModule):
             batch_size=batch_size,
             collate_fn=self.collate,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
+            generator=torch.Generator().manual_seed(run_seed()),
         )
 
     def per_rank(self, batch_size: int) -> int:
@@ -191,7 +191,7 @@ class PromptDataModule(LightningDataModule):
             raise ValueError("this data config has no training split (an evaluation-only set)")
         split = self.splits["train"]
         # Lightning's own seed (set by seed_everything), as DistributedSampler uses under DDP.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + seed_offset
+        seed = run_seed() + seed_offset
         return ResumableDataLoader(
             split,
             batch_size=self.per_rank(self.batch_size),

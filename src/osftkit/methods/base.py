@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,7 +15,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from osftkit.checkpointing import restore_rng_states, rng_states
+from osftkit.checkpointing import (
+    local_rng_states,
+    restore_rng_states,
+    rng_states,
+    run_seed,
+    set_local_rng_states,
+)
 from osftkit.hardware import (
     FSDP2Strategy,
     average_gradients_outside_fsdp,
@@ -84,7 +89,7 @@ class CausalLMModule(LightningModule):
         super().__init__()
         self.micro_batching = micro_batching
         self.automatic_optimization = False
-        self.training_rng: TorchRNGState | None = None  # set while a validation samples
+        self.training_rng: dict[str, Any] | None = None  # set while a validation samples
         # Only plain values go into checkpoints, so they load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model", "tokenizer", "engine", "optimizer"])
         self.optimizer_factory = optimizer
@@ -280,12 +285,12 @@ class CausalLMModule(LightningModule):
         # Rollouts draw from the global RNGs: a run resumed from this checkpoint must continue
         # their streams to match an uninterrupted run; each rank its own. A checkpoint taken
         # inside a validation (a callback's on_validation_end) keeps the training stream too.
-        validation = torch_rng_state()
+        validation = local_rng_states()
         if self.training_rng is not None:
-            set_torch_rng_state(self.training_rng)
+            set_local_rng_states(self.training_rng)
         checkpoint["rng_states"] = rng_states()
         if self.training_rng is not None:
-            set_torch_rng_state(validation)
+            set_local_rng_states(validation)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
@@ -346,12 +351,11 @@ class CausalLMModule(LightningModule):
         """Validation samples from a stream of its own, seeded by (seed, step, rank), and hands
         the training stream back untouched: how often a run validates, or whether it validated
         before the fit, does not change what it trains on."""
-        self.training_rng = torch_rng_state()
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed((seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
+        self.training_rng = local_rng_states()
+        torch.manual_seed((run_seed() * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
 
     def on_validation_end(self) -> None:
-        set_torch_rng_state(self.training_rng)
+        set_local_rng_states(self.training_rng)
         self.training_rng = None
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -402,24 +406,6 @@ class CausalLMModule(LightningModule):
                     for r in rows
                 )
                 logger.experiment.add_text("val/samples", text, logger_step(self.trainer))
-
-
-TorchRNGState = tuple[Tensor, list[Tensor] | None]
-
-
-def torch_rng_state() -> TorchRNGState:
-    """torch's CPU generator and, where there are GPUs, each device's."""
-    return (
-        torch.get_rng_state(),
-        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    )
-
-
-def set_torch_rng_state(state: TorchRNGState) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def flatten(computed: dict) -> dict[str, Tensor]:
