@@ -13,7 +13,7 @@ import torch
 
 from osftkit.data.features import simulate
 from osftkit.data.null_samplers import ExactNullSampler
-from osftkit.interpret.engine import (
+from osftkit.interpret.feature_test import (
     FeatureTestInputs,
     draw_feature,
     irt,

@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from osftkit.data.digits import DigitsDataModule
 from osftkit.data.features import FeatureSimulationDataModule
 from osftkit.interpret.callback import FeatureTestCallback, highlighted_tokens
-from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult
-from osftkit.methods.predictor import PredictorModule
+from osftkit.interpret.feature_test import FeatureTestInputs, FeatureTestResult
+from osftkit.interpret.predictor import PredictorModule
 from osftkit.models.small_nets import MLP, SmallCNN
 from osftkit.train import run
 
@@ -45,11 +45,12 @@ def tags(tmp_path) -> dict:
 def test_irt_callback_on_the_simulation(tmp_path):
     datamodule = FeatureSimulationDataModule(num_train=2048, num_val=64, batch_size=64)
     optimizer = functools.partial(torch.optim.AdamW, lr=3e-3)
-    module = PredictorModule(MLP(25), optimizer, "regression")
+    module = PredictorModule(MLP(25), optimizer, "regression", datamodule.feature_mask)
     callback = FeatureTestCallback(
         test="irt",
         alpha=0.2,
         num_draws=20,
+        data=datamodule,
         captum_methods=["integrated_gradients", "feature_ablation"],
     )
     fit(module, datamodule, callback, tmp_path)
@@ -85,10 +86,9 @@ def test_highlighted_tokens_are_escaped_and_cover_spans():
 
 def test_one_shot_callback_draws_digit_heatmaps(tmp_path):
     datamodule = DigitsDataModule(batch_size=32)
-    module = PredictorModule(
-        SmallCNN(), functools.partial(torch.optim.AdamW, lr=3e-3), "classification"
-    )
-    callback = FeatureTestCallback(alpha=0.3, two_sided=True, at="fit_end")
+    optimizer = functools.partial(torch.optim.AdamW, lr=3e-3)
+    module = PredictorModule(SmallCNN(), optimizer, "classification", datamodule.feature_mask)
+    callback = FeatureTestCallback(alpha=0.3, two_sided=True, at="fit_end", data=datamodule)
     fit(module, datamodule, callback, tmp_path, steps=10)
     assert callback.last_result.statistics.shape == (32, 16)
     assert "feature_test/patches" in tags(tmp_path)["images"]
@@ -150,3 +150,17 @@ def test_callback_needs_the_protocol():
     )
     with pytest.raises(TypeError, match="has no feature_test_inputs"):
         trainer.fit(BoringModel())
+
+
+def test_callback_without_a_sampler_or_data_says_so(tmp_path):
+    datamodule = FeatureSimulationDataModule(num_train=128, num_val=16, batch_size=16)
+    optimizer = functools.partial(torch.optim.AdamW, lr=3e-3)
+    module = PredictorModule(MLP(25), optimizer, "regression", datamodule.feature_mask)
+    with pytest.raises(ValueError, match="needs a counterfactual sampler"):
+        fit(module, datamodule, FeatureTestCallback(at="fit_end"), tmp_path, steps=2)
+
+
+def test_a_predictor_without_a_feature_mask_says_so():
+    module = PredictorModule(MLP(25), functools.partial(torch.optim.AdamW), "regression")
+    with pytest.raises(ValueError, match="not handed a feature_mask"):
+        module.feature_test_inputs((torch.zeros(2, 25),))

@@ -8,9 +8,9 @@ import torch
 from osftkit.data.digits import DigitsDataModule, patch_mask
 from osftkit.data.features import FeatureSimulationDataModule, threshold_model
 from osftkit.data.sentences import MASK, NEGATIVE, POSITIVE, VOCAB, SentencesDataModule
-from osftkit.interpret.engine import FeatureTestInputs, irt
-from osftkit.methods.predictor import PredictorModule
-from osftkit.metrics.fdr import fdr_tpr
+from osftkit.interpret.feature_test import FeatureTestInputs, irt
+from osftkit.interpret.predictor import PredictorModule
+from osftkit.metrics.discovery_rates import fdr_tpr
 from osftkit.models.small_nets import SmallCNN, TextClassifier
 
 torch.set_num_threads(1)

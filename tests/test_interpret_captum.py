@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from osftkit.interpret.captum_baselines import METHODS, attribute
-from osftkit.interpret.engine import FeatureTestInputs
+from osftkit.interpret.feature_test import FeatureTestInputs
 
 torch.set_num_threads(1)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from osftkit.interpret.fdr import knockoff_reject, knockoff_threshold, step_up_reject
-from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr
+from osftkit.interpret.fdr_control import knockoff_reject, knockoff_threshold, step_up_reject
+from osftkit.metrics.discovery_rates import best_tpr_at_fdr, fdr_tpr
 
 torch.set_num_threads(1)
 

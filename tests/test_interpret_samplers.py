@@ -10,7 +10,7 @@ from osftkit.data.null_samplers import (
     ExactNullSampler,
     GaussianConditionalSampler,
 )
-from osftkit.interpret.engine import FeatureTestInputs, one_shot_test
+from osftkit.interpret.feature_test import FeatureTestInputs, one_shot_test
 from osftkit.interpret.lm_scores import target_logprob
 from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 

@@ -35,10 +35,10 @@ from osftkit.data.sentences import (
 from osftkit.hardware import configure_threads
 from osftkit.interpret.callback import highlighted_tokens, patch_heatmaps
 from osftkit.interpret.captum_baselines import METHODS, attribute
-from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.interpret.feature_test import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.interpret.predictor import PredictorModule
 from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
-from osftkit.methods.predictor import PredictorModule
-from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
+from osftkit.metrics.discovery_rates import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
 from osftkit.models.small_nets import MLP, SmallCNN, TextClassifier
 from osftkit.train import build_components, build_trainer, compose_train_config, instantiate_group
 
@@ -73,7 +73,8 @@ def trainer(max_epochs: int = -1, max_steps: int = -1) -> L.Trainer:
 
 
 def fit(net: nn.Module, dm: L.LightningDataModule, task: str, **limits: int) -> PredictorModule:
-    module = PredictorModule(net, functools.partial(torch.optim.AdamW, lr=3e-3), task)
+    optimizer = functools.partial(torch.optim.AdamW, lr=3e-3)
+    module = PredictorModule(net, optimizer, task, dm.feature_mask, getattr(dm, "vocab", None))
     fitter = trainer(**limits)
     fitter.fit(module, dm)
     val = fitter.validate(module, dm, verbose=False)[0]

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from osftkit.data.instructions import InstructionSlotSampler, build_instructions
-from osftkit.interpret.fdr import step_up_reject
+from osftkit.interpret.fdr_control import step_up_reject
 from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 from osftkit.interpret.trigger_discovery import (
     calibrate_prompts,

@@ -31,7 +31,7 @@ from osftkit.hardware import (
     cpu_processes,
     fsdp_units,
 )
-from osftkit.interpret.trigger_discovery import report_discovery
+from osftkit.interpret.trigger_discovery import discover_removal_triggers
 from osftkit.models import LoadedModel
 from osftkit.models.loading import ModelNotFoundError, build_once, resolve_path
 from osftkit.run_logger import close_run_loggers, log_final_hparams
@@ -104,9 +104,14 @@ def trainer_precision(cfg: DictConfig, strategy: Any) -> str:
     return MIXED_PRECISION[compute]
 
 
-def instantiate_group(group: DictConfig | None) -> list:
-    """Named entries (`callbacks`, `logger`) -> objects; an entry set to null is dropped."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry]
+def instantiate_group(group: DictConfig | None, **handed: Any) -> list:
+    """Named entries (`callbacks`, `logger`) -> objects; an entry set to null is dropped; an
+    entry with a key of `handed` (e.g. `data`) is handed that object."""
+    return [
+        instantiate(entry, **{k: v for k, v in handed.items() if k in entry})
+        for entry in (group or {}).values()
+        if entry
+    ]
 
 
 @contextmanager
@@ -140,10 +145,15 @@ def build_components(
     master = {"dtype": "float32"} if "dtype" in cfg.model else {}
     with clear_errors():
         loaded: LoadedModel = instantiate(cfg.model, **master)
-    discover_removal_triggers(cfg, loaded)
-    if loaded.tokenizer is None:
-        method = instantiate(cfg.method, _convert_="all", model=loaded.model)
-        return loaded, instantiate(cfg.data), method
+        discover_removal_triggers(cfg, loaded)
+    if loaded.tokenizer is None:  # a predictor for the feature tests: handed the data's features
+        datamodule = instantiate(cfg.data)
+        features = {
+            "feature_mask": datamodule.feature_mask,
+            "token_strings": getattr(datamodule, "vocab", None),
+        }
+        method = instantiate(cfg.method, _convert_="all", model=loaded.model, **features)
+        return loaded, datamodule, method
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
     with clear_errors():
         module = instantiate(
@@ -155,29 +165,6 @@ def build_components(
             engine=instantiate(cfg.engine),
         )
     return loaded, datamodule, module
-
-
-def discover_removal_triggers(cfg: DictConfig, loaded: LoadedModel) -> None:
-    """With a `discovery` block (experiment=discover_overwrite_tiny): calibrate, propose and
-    confirm trigger phrases on the loaded model, and hand the confirmed ones to Overwrite SFT
-    as `method.removal_triggers` (ASR keeps measuring the planted `method.backdoor`)."""
-    if not cfg.get("discovery"):
-        return
-    attack = cfg.method.backdoor
-    with clear_errors():
-        pipeline = instantiate(cfg.discovery)
-    results = pipeline(
-        loaded.model,
-        loaded.tokenizer,
-        attack.marker,
-        attack.triggers,
-        attack.position,
-        cfg.data.plain_template,
-    )
-    triggers = report_discovery(*results, loaded.tokenizer, Path(cfg.paths.output_dir))
-    if not triggers:
-        raise ValueError("trigger discovery confirmed no phrase: nothing to overwrite (see log)")
-    cfg.method.removal_triggers = triggers
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -225,7 +212,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     loaded, datamodule, module = build_components(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     with clear_errors():
-        callbacks = instantiate_group(cfg.get("callbacks"))
+        callbacks = instantiate_group(cfg.get("callbacks"), data=datamodule)
     last_validation = LastValidationStep()
     trainer = build_trainer(cfg, [*callbacks, last_validation], loggers)
     if (

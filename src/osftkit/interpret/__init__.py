@@ -8,8 +8,8 @@ from osftkit.data.null_samplers import (
     Sampler,
 )
 from osftkit.interpret.callback import FeatureTestCallback
-from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
-from osftkit.interpret.fdr import knockoff_reject, knockoff_threshold, step_up_reject
+from osftkit.interpret.fdr_control import knockoff_reject, knockoff_threshold, step_up_reject
+from osftkit.interpret.feature_test import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
 from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 
 __all__ = [

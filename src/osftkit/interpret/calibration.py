@@ -11,7 +11,7 @@ from scipy.stats import binom
 from torch import Tensor
 
 from osftkit.data.null_samplers import Sampler
-from osftkit.interpret.engine import (
+from osftkit.interpret.feature_test import (
     FeatureTestInputs,
     counterfactual_scores,
     observed_scores,

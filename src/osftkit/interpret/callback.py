@@ -1,7 +1,7 @@
 """FeatureTestCallback: run a feature test with FDR control on validation inputs during training."""
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import matplotlib
@@ -12,9 +12,9 @@ from torch import Tensor
 from osftkit.data.null_samplers import Sampler
 from osftkit.interpret.calibration import check_pvalues
 from osftkit.interpret.captum_baselines import METHODS, attribute
-from osftkit.interpret.engine import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
-from osftkit.interpret.fdr import FdrMethod, check_alpha
-from osftkit.metrics.fdr import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
+from osftkit.interpret.fdr_control import FdrMethod, check_alpha
+from osftkit.interpret.feature_test import FeatureTestInputs, FeatureTestResult, irt, one_shot_test
+from osftkit.metrics.discovery_rates import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -22,16 +22,26 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 NUM_SHOWN = 8  # instances drawn as highlighted text or heatmaps
 
 
+class FeatureData(Protocol):
+    """The data a FeatureTestCallback is handed: its counterfactual sampler and validation set."""
+
+    def feature_sampler(self) -> Sampler: ...
+
+    def val_dataloader(self) -> Any: ...
+
+
 class FeatureTestCallback(L.Callback):
     """Tests which input features drive the module's score, with FDR control, and logs them.
 
     Protocol: the LightningModule implements ``feature_test_inputs(batch) -> FeatureTestInputs``
-    (``osftkit.interpret.engine``): the inputs (n, *shape) to test, a batched
+    (``osftkit.interpret.feature_test``): the inputs (n, *shape) to test, a batched
     ``score_fn(inputs, instance) -> (b,)`` (a class log-probability, a regression output, or for
     an LM log p(marker | prompt) with ``instance`` saying whose target to score), a
     ``feature_mask`` of the input's trailing shape with ids 0..d-1 (columns, patches, token
     positions), and optionally the ground truth (n, d) and ``token_strings`` to show text. The
-    counterfactual sampler is ``sampler`` or, if None, ``trainer.datamodule.feature_sampler()``.
+    callback is handed ``data`` (train.py hands the run's datamodule to a callback entry with a
+    ``data`` key): the counterfactual sampler is ``sampler`` or, if None,
+    ``data.feature_sampler()``; the batch is the fit's first validation batch, or ``data``'s.
 
     After every ``every_n_validations``-th validation run (``at="validation_end"``) or once at the
     end of fit, the first validation batch is tested (one-shot or IRT) and the callback logs
@@ -52,6 +62,7 @@ class FeatureTestCallback(L.Callback):
         at: Literal["validation_end", "fit_end"] = "validation_end",
         every_n_validations: int = 1,
         sampler: Sampler | None = None,
+        data: FeatureData | None = None,
         captum_methods: Sequence[str] = (),
         batch_size: int = 4096,
         max_table_rows: int = 50,
@@ -70,7 +81,8 @@ class FeatureTestCallback(L.Callback):
             )
         self.test, self.alpha, self.two_sided, self.offset = test, alpha, two_sided, offset
         self.num_draws, self.fdr_method, self.auto_draws = num_draws, fdr_method, auto_draws
-        self.at, self.every_n_validations, self.sampler = at, every_n_validations, sampler
+        self.at, self.every_n_validations = at, every_n_validations
+        self.sampler, self.data = sampler, data
         self.validations = 0
         self.captum_methods, self.batch_size = list(captum_methods), batch_size
         self.max_table_rows, self.seed = max_table_rows, seed
@@ -109,11 +121,18 @@ class FeatureTestCallback(L.Callback):
                 f"{type(pl_module).__name__} has no feature_test_inputs(batch): see the protocol "
                 "in FeatureTestCallback's docstring"
             )
-        if self.sampler is None:
-            self.sampler = trainer.datamodule.feature_sampler()
-        loader = trainer.val_dataloaders or trainer.datamodule.val_dataloader()
+        if self.sampler is None and self.data is None:
+            raise ValueError(
+                "FeatureTestCallback needs a counterfactual sampler: hand it `sampler` or the "
+                "`data` whose feature_sampler() draws them"
+            )
+        if self.sampler is None:  # built at the test: a sampler may be fitted to set-up data
+            self.sampler = self.data.feature_sampler()
+        loader = trainer.val_dataloaders or (self.data and self.data.val_dataloader())
         if isinstance(loader, list | tuple):  # several validation sets: test the first
             loader = loader[0]
+        if loader is None:
+            raise ValueError("FeatureTestCallback needs validation batches: hand it `data`")
         batch = pl_module.transfer_batch_to_device(next(iter(loader)), pl_module.device, 0)
         was_training = pl_module.training
         pl_module.eval()

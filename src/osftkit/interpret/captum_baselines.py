@@ -1,7 +1,7 @@
 """Captum attributions on the same inputs as a feature test, pooled to one score per feature.
 
 Attributions are scores, not p-values: to compare them with the tests, rank the pooled scores
-and read the best TPR at a given realised FDR (``osftkit.metrics.fdr.best_tpr_at_fdr``).
+and read the best TPR at a given realised FDR (``osftkit.metrics.discovery_rates.best_tpr_at_fdr``).
 """
 
 import torch
@@ -16,7 +16,7 @@ from captum.attr import (
 )
 from torch import Tensor
 
-from osftkit.interpret.engine import FeatureTestInputs
+from osftkit.interpret.feature_test import FeatureTestInputs
 
 GRADIENT_METHODS = {
     "integrated_gradients": IntegratedGradients,

@@ -8,7 +8,7 @@ the one-shot test or the IRT asks which prompt tokens make the model likely to e
 import torch
 from torch import Tensor, nn
 
-from osftkit.interpret.engine import ScoreFn
+from osftkit.interpret.feature_test import ScoreFn
 from osftkit.models.logprobs import token_logprobs
 
 

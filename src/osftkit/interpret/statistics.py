@@ -5,7 +5,7 @@ import math
 import torch
 from torch import Tensor
 
-from osftkit.interpret.fdr import FdrMethod
+from osftkit.interpret.fdr_control import FdrMethod
 
 
 def deviation(scores: Tensor, centre: Tensor | None) -> Tensor:

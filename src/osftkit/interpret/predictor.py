@@ -1,7 +1,8 @@
 """A plain supervised LightningModule (regression or classification) that the
-FeatureTestCallback can question: it implements ``feature_test_inputs(batch)``."""
+FeatureTestCallback can question: it implements ``feature_test_inputs(batch)``. It lives in the
+interpret room because it exists to be questioned (it is not an LM method)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import lightning as L
@@ -9,23 +10,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osftkit.interpret.engine import FeatureTestInputs, ScoreFn
+from osftkit.interpret.feature_test import FeatureTestInputs, ScoreFn
 
 Task = Literal["regression", "classification"]
 
 
 class PredictorModule(L.LightningModule):
-    """Fits `model` on batches (x, y[, truth]) with MSE (regression) or cross-entropy."""
+    """Fits `model` on batches (x, y[, truth]) with MSE (regression) or cross-entropy.
+
+    The data's feature grouping (``feature_mask``, ids 0..d-1 over an input) and, for text, its
+    ``token_strings`` are handed at construction (train.py hands the datamodule's).
+    """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         task: Task = "regression",
+        feature_mask: Tensor | None = None,
+        token_strings: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"], logger=False)
+        self.save_hyperparameters(ignore=["model", "feature_mask", "token_strings"], logger=False)
         self.model = model
+        self.feature_mask, self.token_strings = feature_mask, token_strings
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
@@ -68,14 +76,18 @@ class PredictorModule(L.LightningModule):
 
     @torch.no_grad()
     def feature_test_inputs(self, batch: tuple[Tensor, ...]) -> FeatureTestInputs:
-        """Feature-test protocol: the batch's inputs, the score function, and the datamodule's
-        feature grouping and vocabulary (for text); the truth mask when the batch carries one."""
-        datamodule = self.trainer.datamodule
+        """Feature-test protocol: the batch's inputs, the score function, the handed feature
+        grouping and vocabulary (for text); the truth mask when the batch carries one."""
+        if self.feature_mask is None:
+            raise ValueError(
+                "PredictorModule was not handed a feature_mask: a feature test needs the data's "
+                "feature grouping (PredictorModule(..., feature_mask=datamodule.feature_mask))"
+            )
         x = batch[0].to(self.device)
         return FeatureTestInputs(
             inputs=x,
             score_fn=self.score_fn(x),
-            feature_mask=datamodule.feature_mask.to(self.device),
+            feature_mask=self.feature_mask.to(self.device),
             truth=batch[2] if len(batch) > 2 else None,
-            token_strings=getattr(datamodule, "vocab", None),
+            token_strings=self.token_strings,
         )

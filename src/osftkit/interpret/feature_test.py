@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from osftkit.data.null_samplers import Sampler, testable
-from osftkit.interpret.fdr import FdrMethod, check_alpha, knockoff_reject, step_up_reject
+from osftkit.interpret.fdr_control import FdrMethod, check_alpha, knockoff_reject, step_up_reject
 from osftkit.interpret.statistics import (
     deviation,
     draws_for_floor_fraction,

@@ -6,8 +6,8 @@ from scipy.stats import chisquare
 
 from osftkit.data.features import simulate
 from osftkit.data.null_samplers import ExactNullSampler
-from osftkit.interpret.engine import FeatureTestInputs, irt, one_shot_test
-from osftkit.metrics.fdr import fdr_tpr
+from osftkit.interpret.feature_test import FeatureTestInputs, irt, one_shot_test
+from osftkit.metrics.discovery_rates import fdr_tpr
 
 torch.set_num_threads(1)
 
