@@ -10,7 +10,7 @@ from typing import Any
 import datasets
 import lightning as L
 import transformers
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -131,3 +131,32 @@ class StepProgressBar(ProgressBar):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def train_position(max_steps: int, max_epochs: int | None, step: int, epoch: int) -> str:
+    """Where a fit is, in the unit that bounds it: `step 37/200` when max_steps does, else the
+    epoch (`Epoch 2/9`, or `Epoch 2` for an unbounded one)."""
+    if max_steps > 0:
+        return f"step {step}/{max_steps}"
+    if max_epochs is None or max_epochs < 0:
+        return f"Epoch {epoch}"
+    return f"Epoch {epoch}/{max_epochs - 1}"
+
+
+class RunProgressBar(RichProgressBar):
+    """Lightning's rich bar, saying how far the run is in the unit that bounds it (Lightning's
+    own reads `Epoch 0/-2` for a run bounded by max_steps)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        position = train_position(
+            trainer.max_steps, trainer.max_epochs, trainer.global_step, current_epoch
+        )
+        # As Lightning's: as wide as "Validation", so the bars do not flicker.
+        return f"{position:{len(self.validation_description)}}"
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_batch_end(trainer, *args)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            description = self._get_train_description(trainer.current_epoch)
+            self.progress.update(self.train_progress_bar_id, description=description)
