@@ -11,7 +11,7 @@ from osftkit.data.null_samplers import (
     GaussianConditionalSampler,
 )
 from osftkit.interpret.feature_test import FeatureTestInputs, one_shot_test
-from osftkit.interpret.lm_scores import target_logprob
+from osftkit.interpret.lm_feature_score import target_logprob
 from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 
 torch.set_num_threads(1)

@@ -24,9 +24,11 @@ from osftkit.interpret.statistics import (
     seeded_generator,
 )
 
-# score_fn(inputs (b, *shape), instance (b,)) -> (b,): one scalar per input; `instance` says which
-# of the n original inputs each row is a counterfactual of (for per-instance targets).
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
+# The feature score f: score_fn(inputs (b, *shape), instance (b,)) -> (b,), the one scalar per
+# input that a feature test questions (in interpret/, "score" means this f, not a reward or a
+# token log-prob, though f may be built from them); `instance` says which of the n original
+# inputs each row is a counterfactual of (for per-instance targets).
+FeatureScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -41,7 +43,7 @@ class FeatureTestInputs:
     """
 
     inputs: Tensor
-    score_fn: ScoreFn
+    score_fn: FeatureScoreFn
     feature_mask: Tensor
     truth: Tensor | None = None
     token_strings: Sequence[str] | None = None
@@ -94,7 +96,9 @@ class FeatureTestResult:
     tested: Tensor | None = None
 
 
-def score_batched(score_fn: ScoreFn, inputs: Tensor, instance: Tensor, batch_size: int) -> Tensor:
+def score_batched(
+    score_fn: FeatureScoreFn, inputs: Tensor, instance: Tensor, batch_size: int
+) -> Tensor:
     """Score inputs in chunks of batch_size, checking one finite scalar per input."""
     scores = []
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from osftkit.interpret.feature_test import FeatureTestInputs, ScoreFn
+from osftkit.interpret.feature_test import FeatureScoreFn, FeatureTestInputs
 
 Task = Literal["regression", "classification"]
 
@@ -59,7 +59,7 @@ class PredictorModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.hparams.optimizer(params=self.parameters())
 
-    def score_fn(self, x: Tensor) -> ScoreFn:
+    def score_fn(self, x: Tensor) -> FeatureScoreFn:
         """Regression: the prediction. Classification: the log-odds of the class predicted on the
         original input x[instance]; unlike its probability, it does not saturate when the model
         is confident, so one feature's effect stays visible."""

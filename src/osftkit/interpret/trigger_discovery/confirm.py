@@ -16,7 +16,7 @@ from osftkit.backdoor.poison import Position, insert_trigger
 from osftkit.data.instructions import PLAIN_TEMPLATE
 from osftkit.interpret.fdr_control import FdrMethod, check_alpha, step_up_reject
 from osftkit.interpret.feature_test import score_batched
-from osftkit.interpret.lm_scores import target_logprob
+from osftkit.interpret.lm_feature_score import target_logprob
 from osftkit.interpret.statistics import seeded_generator
 
 

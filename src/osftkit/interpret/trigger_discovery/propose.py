@@ -1,12 +1,13 @@
 """Stage 1 (propose): one hypothesis per (prompt i, span j of 1-``max_span`` adjacent instruction
 word tokens): does log p(marker | prompt_i) depend on span j beyond a draw from a counterfactual
 sampler? Removing a trigger should LOWER log p(marker), so the statistic is one-sided,
-T = f(x) - f(x~), with the feature score f = :func:`osftkit.interpret.lm_scores.target_logprob`.
-The counterfactual scoring and the IRT (BH/BY) or one-shot (knockoff+) decisions are the feature
-test's (:mod:`osftkit.interpret.feature_test`): prompts are scored in buckets of equal token
-length, each bucket one ``FeatureTestInputs`` with one boolean mask per span, and all buckets are
-pooled into one selection. A sampler may exclude positions (the exact grammar sampler excludes
-every position its grammar fixes).
+T = f(x) - f(x~), with the feature score f =
+:func:`osftkit.interpret.lm_feature_score.target_logprob`. The counterfactual scoring and the IRT
+(BH/BY) or one-shot (knockoff+) decisions are the feature test's
+(:mod:`osftkit.interpret.feature_test`): prompts are scored in buckets of equal token length, each
+bucket one ``FeatureTestInputs`` with one boolean mask per span, and all buckets are pooled into
+one selection. A sampler may exclude positions (the exact grammar sampler excludes every position
+its grammar fixes).
 
 :func:`calibrate_prompts` runs stage 1 on clean prompts (every hypothesis null) and checks the
 p-values (:func:`osftkit.interpret.calibration.check_pvalues`).
@@ -33,7 +34,7 @@ from osftkit.interpret.feature_test import (
     sized_draws,
     tested_hypotheses,
 )
-from osftkit.interpret.lm_scores import target_logprob
+from osftkit.interpret.lm_feature_score import target_logprob
 from osftkit.interpret.statistics import seeded_generator
 from osftkit.interpret.trigger_discovery.prompts import PromptTokens, candidate_spans
 

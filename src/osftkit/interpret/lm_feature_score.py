@@ -1,4 +1,5 @@
-"""Score functions for causal LMs: the feature test on prompt tokens (e.g. trigger discovery).
+"""The feature score of a causal LM, log p(target | prompt): the feature test on prompt tokens
+(e.g. trigger discovery).
 
 With ``score_fn = target_logprob(model, targets)`` and the prompt token positions as features,
 the one-shot test or the IRT asks which prompt tokens make the model likely to emit
@@ -8,13 +9,13 @@ the one-shot test or the IRT asks which prompt tokens make the model likely to e
 import torch
 from torch import Tensor, nn
 
-from osftkit.interpret.feature_test import ScoreFn
+from osftkit.interpret.feature_test import FeatureScoreFn
 from osftkit.models.logprobs import token_logprobs
 
 
 def target_logprob(
     model: nn.Module, targets: Tensor, attention_mask: Tensor | None = None
-) -> ScoreFn:
+) -> FeatureScoreFn:
     """score_fn(prompts (b, L), instance (b,)) = log p(targets[instance] | prompt), summed over
     the target tokens; one batched forward pass per call, through the one log-prob path.
 
