@@ -1,4 +1,4 @@
-"""The feature-test engine: the Interpretability Randomization Test (IRT) and the One-Shot
+"""Feature tests: the Interpretability Randomization Test (IRT) and the One-Shot
 Feature Test, and the counterfactual scoring and decisions they share with trigger discovery.
 
 One hypothesis per (instance i, feature j): does f(x_i) depend on feature j beyond a draw from
