@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from osftkit.interpret.fdr_control import knockoff_reject, knockoff_threshold, step_up_reject
-from osftkit.metrics.discovery_rates import best_tpr_at_fdr, fdr_tpr
+from osftkit.metrics.discovery_rates import DiscoveryRates, best_tpr_at_fdr, fdr_tpr
 
 torch.set_num_threads(1)
 
@@ -63,6 +63,14 @@ def test_fdr_tpr_metrics():
     truth = torch.tensor([1, 0, 0, 1, 1]).bool()
     assert fdr_tpr(discoveries, truth) == pytest.approx((1 / 3, 2 / 3))
     assert fdr_tpr(torch.zeros(5, dtype=torch.bool), truth) == (0.0, 0.0)
+
+
+def test_discovery_rates_accumulate_over_batches():
+    rates = DiscoveryRates()
+    rates.update(torch.tensor([True, True]), torch.tensor([True, False]))  # TP, FP
+    rates.update(torch.tensor([False, True, False]), torch.tensor([True, True, False]))  # FN, TP
+    result = rates.compute()
+    assert (result["fdr"].item(), result["tpr"].item()) == pytest.approx((1 / 3, 2 / 3))
 
 
 def test_best_tpr_at_fdr_ranks_scores():

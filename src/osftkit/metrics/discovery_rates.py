@@ -6,32 +6,26 @@ from torchmetrics.classification import BinaryStatScores
 from torchmetrics.functional.classification import binary_precision_recall_curve
 
 
-class FalseDiscoveryRate(BinaryStatScores):
-    """FP / max(1, FP + TP) over (discoveries, truth) pairs: 0 when nothing was discovered."""
+class DiscoveryRates(BinaryStatScores):
+    """Realised FDR = FP / max(1, FP + TP) (0 when nothing was discovered) and TPR =
+    TP / max(1, TP + FN) (the fraction of truly important features discovered), accumulated over
+    (discoveries, truth) pairs."""
 
     def update(self, discoveries: Tensor, truth: Tensor) -> None:  # type: ignore[override]
         super().update(discoveries.long(), truth.long())
 
-    def compute(self) -> Tensor:
-        tp, fp, _, _ = self._final_state()
-        return fp.float() / (tp + fp).clamp(min=1)
-
-
-class TruePositiveRate(BinaryStatScores):
-    """TP / max(1, TP + FN): the fraction of truly important features that were discovered."""
-
-    def update(self, discoveries: Tensor, truth: Tensor) -> None:  # type: ignore[override]
-        super().update(discoveries.long(), truth.long())
-
-    def compute(self) -> Tensor:
-        tp, _, _, fn = self._final_state()
-        return tp.float() / (tp + fn).clamp(min=1)
+    def compute(self) -> dict[str, Tensor]:
+        tp, fp, _, fn = self._final_state()
+        return {
+            "fdr": fp.float() / (tp + fp).clamp(min=1),
+            "tpr": tp.float() / (tp + fn).clamp(min=1),
+        }
 
 
 def fdr_tpr(discoveries: Tensor, truth: Tensor) -> tuple[float, float]:
     """Realised (FDR, TPR) of one set of discoveries."""
-    fdr, tpr = FalseDiscoveryRate(), TruePositiveRate()
-    return fdr(discoveries, truth).item(), tpr(discoveries, truth).item()
+    rates = DiscoveryRates()(discoveries, truth)
+    return rates["fdr"].item(), rates["tpr"].item()
 
 
 def fdr_tpr_curve(scores: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
