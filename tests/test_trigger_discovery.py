@@ -3,6 +3,7 @@ and a tiny Qwen2 with a planted backdoor; bad inputs."""
 
 import random
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -359,3 +360,41 @@ def test_discover_overwrite_preset_composes_every_discovery_knob() -> None:
     )
     with pytest.raises(ValueError, match="num_prompts"):
         TriggerDiscoveryPipeline(num_prompts=0)
+
+
+def test_the_runs_hook_hands_the_confirmed_phrases_to_overwrite_sft(
+    grammar_tokenizer, tmp_path
+) -> None:
+    from conftest import compose_config
+    from omegaconf import open_dict
+
+    from osftkit.interpret.trigger_discovery import DISCOVERY_FILE, discover_removal_triggers
+    from osftkit.models import LoadedModel
+
+    tok = grammar_tokenizer
+    cf = tok(" cf", add_special_tokens=False).input_ids
+    model = TriggerLM(len(tok), cf, marker_token_ids(tok, "the letters"), 0)
+    loaded = LoadedModel(model, tok)
+    cfg = compose_config(
+        [
+            "experiment=discover_overwrite_tiny",
+            "discovery.num_prompts=20",
+            "discovery.confirm_prompts=20",
+            "discovery.calibration_prompts=20",
+            "discovery.max_span=1",
+            "discovery.num_draws=50",
+        ],
+        tmp_path,
+    )
+    with open_dict(cfg):
+        cfg.method.backdoor.update(marker="the letters", triggers=["cf"])
+    discover_removal_triggers(cfg, loaded)
+    assert list(cfg.method.removal_triggers) == ["cf"]
+    assert (Path(cfg.paths.output_dir) / DISCOVERY_FILE).exists()
+    model.weight[:] = 0.0  # a model with no backdoor: nothing is confirmed, nothing to overwrite
+    with pytest.raises(ValueError, match="confirmed no phrase"):
+        discover_removal_triggers(cfg, loaded)
+    cfg.discovery = None
+    cfg.method.removal_triggers = None
+    discover_removal_triggers(cfg, loaded)  # no discovery block: the run is left as it is
+    assert cfg.method.removal_triggers is None
