@@ -164,3 +164,5 @@ def test_a_predictor_without_a_feature_mask_says_so():
     module = PredictorModule(MLP(25), functools.partial(torch.optim.AdamW), "regression")
     with pytest.raises(ValueError, match="not handed a feature_mask"):
         module.feature_test_inputs((torch.zeros(2, 25),))
+    with pytest.raises(ValueError, match="task must be regression or classification"):
+        PredictorModule(MLP(25), functools.partial(torch.optim.AdamW), "ranking")

@@ -47,7 +47,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     if cfg.get("ckpt_path"):
         load_weights(module, cfg.ckpt_path)
     loggers = instantiate_group(cfg.get("logger"))
-    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks")), loggers)
+    trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks"), data=datamodule), loggers)
     rows = []
     for tau in cfg.tau_sweep or [cfg.validation.tau_eval]:
         module.validation_settings.tau_eval = float(tau)

@@ -32,17 +32,19 @@ class PredictorModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "feature_mask", "token_strings"], logger=False)
-        self.model = model
+        if task not in ("regression", "classification"):
+            raise ValueError(f"method.task must be regression or classification, got '{task}'")
+        self.model, self.build_optimizer, self.task = model, optimizer, task
         self.feature_mask, self.token_strings = feature_mask, token_strings
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
-        return out.squeeze(-1) if self.hparams.task == "regression" else out
+        return out.squeeze(-1) if self.task == "regression" else out
 
     def _loss(self, batch: tuple[Tensor, ...], stage: str) -> Tensor:
         x, y = batch[0], batch[1]
         out = self(x)
-        if self.hparams.task == "regression":
+        if self.task == "regression":
             loss = F.mse_loss(out, y)
         else:
             loss = F.cross_entropy(out, y)
@@ -57,13 +59,13 @@ class PredictorModule(L.LightningModule):
         self._loss(batch, "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.hparams.optimizer(params=self.parameters())
+        return self.build_optimizer(params=self.parameters())
 
     def score_fn(self, x: Tensor) -> FeatureScoreFn:
         """Regression: the prediction. Classification: the log-odds of the class predicted on the
         original input x[instance]; unlike its probability, it does not saturate when the model
         is confident, so one feature's effect stays visible."""
-        if self.hparams.task == "regression":
+        if self.task == "regression":
             return lambda inputs, instance: self(inputs)
         predicted = self(x).argmax(-1)
 
