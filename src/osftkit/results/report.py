@@ -1,0 +1,207 @@
+"""Tables only from the store: render a study's tables from its records, write them into the
+README between markers, and check that the README says what the store says.
+
+    <!-- results:NAME -->
+    (generated: do not edit)
+    <!-- /results:NAME -->
+
+`check` fails when a block differs from what the store generates, when a README holds a block
+the study does not generate, or when a table mixes rows measured on commits that differ in
+`src/` or `configs/` (a row imported from an older revision is marked stale with its commit and
+allowed: the table prints that commit beside it).
+"""
+
+import re
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from osftkit.results.stats import hierarchical_interval, seed_interval
+
+BLOCK = re.compile(
+    r"<!-- results:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S
+)
+CODE_DIRS = ("src", "configs")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: a metric (mean and 95% interval over the row's records, times `scale`) or,
+    with `label_key`, a text label the record carries (a paper's reference number)."""
+
+    title: str
+    metric: str | None = None
+    scale: float = 1.0
+    digits: int = 3
+    label_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """A generated table: the records whose `table` field is `name`, one row per arm in
+    `rows` order (arms not listed follow in record order)."""
+
+    name: str
+    columns: Sequence[Column]
+    rows: Sequence[str] = ()
+    caption: str = ""
+    problem_metric: str = "val/pass@1"  # the metric the per-problem outcomes resample
+    counts: bool = True  # seeds / problems / samples columns
+    filter: Callable[[dict[str, Any]], bool] | None = field(default=None, compare=False)
+
+
+def group_rows(table: Table, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    mine = [
+        r for r in records if r["table"] == table.name and (not table.filter or table.filter(r))
+    ]
+    order = [*table.rows, *dict.fromkeys(r["arm"] for r in mine)]
+    grouped = {arm: [r for r in mine if r["arm"] == arm] for arm in dict.fromkeys(order)}
+    return {arm: rows for arm, rows in grouped.items() if rows}
+
+
+def problem_grid(rows: list[dict[str, Any]]) -> np.ndarray | None:
+    """(seeds, problems) per-problem accuracy when every record has the same problems."""
+    if not all(r["problems"] for r in rows):
+        return None
+    ids = [[p["id"] for p in r["problems"]] for r in rows]
+    if any(i != ids[0] for i in ids):
+        return None
+    return np.array([[p["correct"] / p["n"] for p in r["problems"]] for r in rows])
+
+
+def cell(table: Table, column: Column, rows: list[dict[str, Any]]) -> str:
+    if column.label_key:
+        return str(rows[0].get("labels", {}).get(column.label_key, "-"))
+    values = [r["metrics"][column.metric] for r in rows if column.metric in r["metrics"]]
+    if not values:
+        return "-"
+    grid = problem_grid(rows) if column.metric == table.problem_metric else None
+    estimate = hierarchical_interval(grid) if grid is not None else seed_interval(values)
+    mean, low, high = (column.scale * x for x in (estimate.mean, estimate.low, estimate.high))
+    text = f"{mean:.{column.digits}f}"
+    return text if np.isnan(low) else f"{text} [{low:.{column.digits}f}, {high:.{column.digits}f}]"
+
+
+def commit_cell(rows: list[dict[str, Any]]) -> str:
+    commits = sorted({r["commit"][:7] + ("+dirty" if r["dirty"] else "") for r in rows})
+    return ("stale @ " if all(r["stale"] for r in rows) else "") + ", ".join(commits)
+
+
+def counts(rows: list[dict[str, Any]]) -> list[str]:
+    seeds = len({r["seed"] for r in rows}) if rows[0]["seed"] is not None else "-"
+    problems = {len(r["problems"]) for r in rows if r["problems"]}
+    samples = {p["n"] for r in rows for p in r["problems"]}
+    return [str(seeds), ", ".join(map(str, sorted(problems))) or "-"] + [
+        ", ".join(map(str, sorted(samples))) or "-"
+    ]
+
+
+def render(table: Table, records: list[dict[str, Any]]) -> str:
+    """Markdown of `table` from `records`: its caption, the rows, a line on the intervals."""
+    head = ["row", *(["seeds", "problems", "samples"] if table.counts else [])]
+    head += [c.title for c in table.columns] + ["commit"]
+    lines = [table.caption, ""] if table.caption else []
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for arm, rows in group_rows(table, records).items():
+        cells = [arm, *(counts(rows) if table.counts else [])]
+        cells += [cell(table, c, rows) for c in table.columns] + [commit_cell(rows)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", INTERVALS]
+    return "\n".join(lines) + "\n"
+
+
+INTERVALS = (
+    "Mean [95% interval]: a bootstrap over seeds and problems where the row has per-problem "
+    "outcomes, else Student's t over seeds; no interval for one seed. Generated from the store "
+    "by `run.py --report`; do not edit."
+)
+
+
+def write_blocks(text: str, blocks: dict[str, str]) -> str:
+    """`text` with each existing block's body replaced by the generated one."""
+
+    def body(match: re.Match) -> str:
+        name = match["name"]
+        generated = blocks.get(name, match["body"])
+        return f"<!-- results:{name} -->\n{generated}<!-- /results:{name} -->"
+
+    return BLOCK.sub(body, text)
+
+
+def same_code(first: str, second: str, root: Path) -> bool:
+    """Whether two commits agree in src/ and configs/ (an unknown commit agrees with none)."""
+    if first == second:
+        return True
+    done = subprocess.run(
+        ["git", "diff", "--quiet", first, second, "--", *CODE_DIRS], cwd=root, capture_output=True
+    )
+    return done.returncode == 0
+
+
+def mixed_commits(table: Table, records: list[dict[str, Any]], root: Path) -> list[str]:
+    """Rows of `table` (not stale) measured on code that differs from its first row's."""
+    fresh = [r for rows in group_rows(table, records).values() for r in rows if not r["stale"]]
+    if not fresh:
+        return []
+    first = fresh[0]["commit"]
+    return [
+        f"table '{table.name}': row '{r['arm']}' (seed {r['seed']}) is on {r['commit'][:7]}, "
+        f"whose src/ or configs/ differ from {first[:7]}'s; rerun it or mark it stale"
+        for r in fresh
+        if not same_code(first, r["commit"], root)
+    ]
+
+
+def check(
+    readmes: Sequence[Path],
+    study: str,
+    tables: Sequence[Table],
+    records: list[dict[str, Any]],
+    root: Path,
+) -> list[str]:
+    """Every way the READMEs' blocks of `study` (names `study.*`) disagree with the store."""
+    generated = {t.name: render(t, records) for t in tables}
+    problems = []
+    for readme in readmes:
+        for match in BLOCK.finditer(readme.read_text()):
+            name = match["name"]
+            if not name.startswith(f"{study}."):
+                continue
+            if name not in generated:
+                problems.append(f"{readme}: block '{name}' is generated by no table of {study}")
+            elif match["body"] != generated[name]:
+                problems.append(f"{readme}: block '{name}' differs from the store (run --report)")
+    for table in tables:
+        problems += mixed_commits(table, records, root)
+    return problems
+
+
+def report(readmes: Sequence[Path], tables: Sequence[Table], records: list[dict[str, Any]]) -> None:
+    """Write every generated table into its blocks in the READMEs."""
+    generated = {t.name: render(t, records) for t in tables}
+    for readme in readmes:
+        readme.write_text(write_blocks(readme.read_text(), generated))
+
+
+def report_or_check(
+    mode: str,
+    readmes: Sequence[Path],
+    study: str,
+    tables: Sequence[Table],
+    records: list,
+    root: Path,
+) -> int:
+    """`run.py --report` / `--check`: the exit status (1 when the check finds a problem)."""
+    if mode == "report":
+        report(readmes, tables, records)
+        print(f"wrote {len(tables)} tables of {study} into {', '.join(map(str, readmes))}")
+        return 0
+    problems = check(readmes, study, tables, records, root)
+    for problem in problems:
+        print(problem)
+    print(f"{study}: {'FAILED' if problems else 'README blocks agree with the store'}")
+    return 1 if problems else 0
