@@ -13,7 +13,7 @@ allowed: the table prints that commit beside it).
 
 import re
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,14 @@ CODE_DIRS = ("src", "configs")
 @dataclass(frozen=True)
 class Column:
     """One column: a metric (mean and 95% interval over the row's records, times `scale`) or,
-    with `label_key`, a text label the record carries (a paper's reference number)."""
+    with `label_key`, a text the table holds for the row (a paper's reference number)."""
 
     title: str
     metric: str | None = None
     scale: float = 1.0
     digits: int = 3
     label_key: str | None = None
+    interval: bool = True  # False: the mean alone (steps, seconds, tokens)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Table:
     problem_metric: str = "val/pass@1"  # the metric the per-problem outcomes resample
     counts: bool = True  # seeds / problems / samples columns
     filter: Callable[[dict[str, Any]], bool] | None = field(default=None, compare=False)
+    labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # arm -> key -> text
 
 
 def group_rows(table: Table, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -73,17 +75,19 @@ def problem_grid(rows: list[dict[str, Any]]) -> np.ndarray | None:
     return np.array([[p["correct"] / p["n"] for p in r["problems"]] for r in rows])
 
 
-def cell(table: Table, column: Column, rows: list[dict[str, Any]]) -> str:
+def cell(table: Table, column: Column, arm: str, rows: list[dict[str, Any]]) -> str:
     if column.label_key:
-        return str(rows[0].get("labels", {}).get(column.label_key, "-"))
+        return table.labels.get(arm, {}).get(column.label_key, "-")
     values = [r["metrics"][column.metric] for r in rows if column.metric in r["metrics"]]
     if not values:
         return "-"
+    text = f"{column.scale * np.mean(values):.{column.digits}f}"
+    if not column.interval or len(rows) < 2:
+        return text
     grid = problem_grid(rows) if column.metric == table.problem_metric else None
     estimate = hierarchical_interval(grid) if grid is not None else seed_interval(values)
-    mean, low, high = (column.scale * x for x in (estimate.mean, estimate.low, estimate.high))
-    text = f"{mean:.{column.digits}f}"
-    return text if np.isnan(low) else f"{text} [{low:.{column.digits}f}, {high:.{column.digits}f}]"
+    low, high = column.scale * estimate.low, column.scale * estimate.high
+    return f"{text} [{low:.{column.digits}f}, {high:.{column.digits}f}]"
 
 
 def commit_cell(rows: list[dict[str, Any]]) -> str:
@@ -92,12 +96,17 @@ def commit_cell(rows: list[dict[str, Any]]) -> str:
 
 
 def counts(rows: list[dict[str, Any]]) -> list[str]:
+    """Seeds, problems and samples per problem of a row (a record without per-problem outcomes
+    may state its counts, as the imported ones do from their configs)."""
     seeds = len({r["seed"] for r in rows}) if rows[0]["seed"] is not None else "-"
-    problems = {len(r["problems"]) for r in rows if r["problems"]}
+    problems = {len(r["problems"]) or r.get("counts", {}).get("problems") for r in rows}
     samples = {p["n"] for r in rows for p in r["problems"]}
-    return [str(seeds), ", ".join(map(str, sorted(problems))) or "-"] + [
-        ", ".join(map(str, sorted(samples))) or "-"
-    ]
+    samples |= {r["counts"]["samples"] for r in rows if "samples" in r.get("counts", {})}
+    return [str(seeds), joined(problems), joined(samples)]
+
+
+def joined(values: set) -> str:
+    return ", ".join(str(v) for v in sorted(v for v in values if v)) or "-"
 
 
 def render(table: Table, records: list[dict[str, Any]]) -> str:
@@ -108,16 +117,17 @@ def render(table: Table, records: list[dict[str, Any]]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for arm, rows in group_rows(table, records).items():
         cells = [arm, *(counts(rows) if table.counts else [])]
-        cells += [cell(table, c, rows) for c in table.columns] + [commit_cell(rows)]
+        cells += [cell(table, c, arm, rows) for c in table.columns] + [commit_cell(rows)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", INTERVALS]
     return "\n".join(lines) + "\n"
 
 
 INTERVALS = (
-    "Mean [95% interval]: a bootstrap over seeds and problems where the row has per-problem "
-    "outcomes, else Student's t over seeds; no interval for one seed. Generated from the store "
-    "by `run.py --report`; do not edit."
+    "Mean [95% interval] over the row's seeds: a bootstrap over seeds and problems where the "
+    "records hold per-problem outcomes, else Student's t over seeds (the seeds' spread only, not "
+    "the finite problem set's); no interval for one seed. Generated from the store by "
+    "`run.py --report`; do not edit."
 )
 
 

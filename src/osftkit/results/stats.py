@@ -103,6 +103,8 @@ def seed_interval(values: np.ndarray | list[float], level: float = LEVEL) -> Est
     mean = float(values.mean())
     if values.size < 2:
         return Estimate(mean, float("nan"), float("nan"))
+    if np.all(values == values[0]):  # no spread: scipy's interval would be nan
+        return Estimate(mean, mean, mean)
     low, high = stats.t.interval(level, values.size - 1, loc=mean, scale=stats.sem(values))
     return Estimate(mean, float(low), float(high))
 

@@ -96,11 +96,12 @@ class ResultStore:
         samples: Iterable[Mapping[str, Any]] | None = None,
         root: Path | None = None,
         stale: str | None = None,
+        counts: Mapping[str, int] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Append one run's record (stamped with the commit of `root`, default: this file's
         checkout); `samples` (problem_id, sample, response, gold, answer, correct) go to their
-        own file."""
+        own file; `counts` (problems, samples) states them for a record without outcomes."""
         commit, dirty = git_state(root or Path(__file__).resolve().parent)
         record: dict[str, Any] = {
             "table": table,
@@ -115,6 +116,7 @@ class ResultStore:
             "metrics": dict(metrics),
             "problems": problems or [],
             "samples": None,
+            **({"counts": dict(counts)} if counts else {}),
             **({"extra": dict(extra)} if extra else {}),
         }
         if samples is not None:
