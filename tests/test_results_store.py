@@ -98,6 +98,7 @@ def test_stale_records_keep_the_commit_they_were_measured_on(tmp_path: Path) -> 
         stale="af49aff",
     )
     assert (record["commit"], record["stale"], record["dirty"]) == ("af49aff", True, False)
+    assert not ResultStore(tmp_path).has("a", None, "legacy")  # a rerun measures it again
 
 
 def test_git_state_outside_a_checkout(tmp_path: Path) -> None:

@@ -194,13 +194,9 @@ def record_arm(name: str, overrides: tuple[str, ...], seed: int, out: Path) -> d
 
     cfg = compose_train_config([*overrides, f"seed={seed}"])
     digest = config_hash(OmegaConf.to_container(cfg, resolve=True))
-    recorded = [
-        r
-        for r in STORE.records()
-        if (r["arm"], r["seed"], r["config_hash"]) == (name, seed, digest)
-    ]
+    recorded = STORE.find(name, seed, digest)
     if recorded:
-        return {**recorded[-1]["metrics"], "curve": recorded[-1].get("extra", {}).get("curve")}
+        return {**recorded["metrics"], "curve": recorded.get("extra", {}).get("curve")}
     result = run_arm(overrides, seed, out)
     STORE.add(
         table="online_sft.main",

@@ -76,12 +76,19 @@ class ResultStore:
         lines = self.path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
-    def has(self, arm: str, seed: int | None, config_hash: str) -> bool:
-        """Whether this arm, seed and config is recorded (a resumed study skips it)."""
-        return any(
-            (r["arm"], r["seed"], r["config_hash"]) == (arm, seed, config_hash)
+    def find(self, arm: str, seed: int | None, config_hash: str) -> dict[str, Any] | None:
+        """The latest record of this arm, seed and config (a resumed study skips it); a stale
+        record does not count: the study measures it again on the current code."""
+        key = (arm, seed, config_hash)
+        found = [
+            r
             for r in self.records()
-        )
+            if (r["arm"], r["seed"], r["config_hash"]) == key and not r["stale"]
+        ]
+        return found[-1] if found else None
+
+    def has(self, arm: str, seed: int | None, config_hash: str) -> bool:
+        return self.find(arm, seed, config_hash) is not None
 
     def add(
         self,
