@@ -116,7 +116,7 @@ def render(table: Table, records: list[dict[str, Any]]) -> str:
     lines = [table.caption, ""] if table.caption else []
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for arm, rows in group_rows(table, records).items():
-        cells = [arm, *(counts(rows) if table.counts else [])]
+        cells = [arm.replace("|", "\\|"), *(counts(rows) if table.counts else [])]
         cells += [cell(table, c, arm, rows) for c in table.columns] + [commit_cell(rows)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", INTERVALS]
