@@ -110,3 +110,30 @@ def test_rescore_names_a_bad_line(tmp_path: Path, capsys: pytest.CaptureFixture)
     path.write_text(json.dumps({"response": "x", "gold": "1"}) + "\n")
     assert main([str(path)]) == 1
     assert "line 1: missing ['correct']" in capsys.readouterr().err
+
+
+def arithmetic_samples(size: int) -> list[dict]:
+    """Responses on the offline arithmetic set: each problem's noisy-calculator solution (a
+    perturbed answer about 40% of the time) and its true answer written in a varied format."""
+    from osftkit.data.arithmetic import build_arithmetic
+
+    clean = build_arithmetic("val", size, seed=0)
+    noisy = build_arithmetic("val", size, seed=0, label_noise=0.15)
+    formats = ("{n}", "{n}.0", "{n} units", r"\text{{{n}}}", "0{n}", "+{n}", r"{n}\%")
+    samples = []
+    for i, (row, perturbed) in enumerate(zip(clean, noisy, strict=True)):
+        written = formats[i % len(formats)].format(n=row["answer"])
+        for response in (perturbed["solution"], rf"so \boxed{{{written}}}"):
+            samples.append({"response": response, "gold": row["answer"]})
+    return samples
+
+
+def test_graders_agree_on_the_arithmetic_set() -> None:
+    samples = arithmetic_samples(64)
+    responses, golds = [s["response"] for s in samples], [s["gold"] for s in samples]
+    stored = AnswerChecker(compare="math").score(responses, golds)
+    for sample, correct in zip(samples, stored, strict=True):
+        sample["correct"] = correct
+    result = rescore(samples, AnswerChecker(compare="sept"))
+    assert result.total == 128 and result.agree == 128
+    assert 64 < sum(stored) < 128  # the perturbed answers are a real mix of right and wrong
