@@ -4,7 +4,7 @@ from pathlib import Path
 
 from test_results_store import commit, git_repo
 
-from osftkit.results.report import Column, Table, check, render, report
+from osftkit.results.report import Column, Paired, Table, check, render, report
 from osftkit.results.store import ResultStore, problem_outcomes
 
 TABLE = Table("demo.main", [Column("pass@1", "val/pass@1"), Column("wall s", "wall_s", digits=0)])
@@ -91,3 +91,42 @@ def test_check_fails_on_a_mixed_commit_table_unless_the_row_is_stale(tmp_path: P
     report([readme], [TABLE], store.records())
     assert "| DAPO |" in readme.read_text() and f"stale @ {old[:7]}" in readme.read_text()
     assert len(check([readme], "demo", [TABLE], store.records(), repo)) == 1  # EM-FT only
+
+
+def test_paired_table_resamples_seeds_and_prompts_and_adjusts_with_holm(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "store")
+
+    def prompts(asr: int, clean: list[int]) -> list[dict]:
+        return [{"id": f"q{i}", "n": 1, "correct": c, "asr": asr} for i, c in enumerate(clean)]
+
+    clean = [i % 2 for i in range(40)]
+    for seed in (0, 1, 2):
+        for arm, asr in (("backdoored", 1), ("removal", 0)):
+            store.add(
+                table="demo.pair",
+                arm=arm,
+                seed=seed,
+                config_hash="h",
+                base_model="m",
+                metrics={},
+                problems=prompts(asr, clean),
+                root=tmp_path,
+            )
+    store.add(
+        table="demo.pair",
+        arm="old row",
+        seed=0,
+        config_hash="h",
+        base_model="m",
+        metrics={},
+        root=tmp_path,
+    )
+    table = Paired(
+        "demo.paired", "demo.pair", "backdoored", [("ASR", "asr"), ("clean", "correct")], scale=100
+    )
+    lines = render(table, store.records()).splitlines()
+    removal = next(line for line in lines if line.startswith("| removal"))
+    asr, same = [c.strip() for c in removal.strip("|").split("|")][1:]
+    assert asr.startswith("-100.0 [-100.0, -100.0], p 0.000")
+    assert same.startswith("+0.0") and "p 1.000 (Holm 1.000)" in same
+    assert next(line for line in lines if line.startswith("| old row")) == "| old row | - | - |"

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from osftkit.results.report import Column, Table, report_or_check
+from osftkit.results.report import Column, Paired, Table, report_or_check
 from osftkit.results.store import ResultStore, config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,6 +290,11 @@ def store_tables() -> list[Table]:
         Column("wall s", "seconds", digits=0, interval=False),
         Column("kind", label_key="kind"),
     ]
+    per_prompt = {
+        "val/greedy_acc": "correct",
+        "val/asr_greedy": "asr",
+        "val/triggered_acc": "triggered",
+    }
     pairs = [
         Table(
             f"backdoor.{pair}",
@@ -297,8 +302,21 @@ def store_tables() -> list[Table]:
             rows=(CLEAN, BACKDOORED, *REMOVALS),
             caption=f"**trigger {spec['triggers']}, marker '{spec['marker']}'** (in %)",
             labels=kinds,
+            problem_fields=per_prompt,
         )
         for pair, spec in PAIRS.items()
+    ]
+    paired = [
+        Paired(
+            f"backdoor.{pair}_paired",
+            f"backdoor.{pair}",
+            BACKDOORED,
+            [("ASR", "asr"), ("clean acc", "correct"), ("triggered acc", "triggered")],
+            rows=(CLEAN, *REMOVALS),
+            caption=f"**Paired against the backdoored model, pair '{pair}'** (points)",
+            scale=100,
+        )
+        for pair in PAIRS
     ]
     tuning = Table(
         "backdoor.tuning",
@@ -310,7 +328,7 @@ def store_tables() -> list[Table]:
         ACCURACIES,
         caption="**Attack families** (seed 0; the trigger at the start: the 'stupid' table)",
     )
-    return [tuning, *pairs, families]
+    return [tuning, *pairs, *paired, families]
 
 
 def table_and_arm(row: dict) -> tuple[str, str]:
@@ -321,8 +339,18 @@ def table_and_arm(row: dict) -> tuple[str, str]:
     return "backdoor.tuning", row["run"] + (f", eliminate LR {row['lr']}" if row["lr"] else "")
 
 
+def prompt_outcomes(outcomes: dict) -> list[dict]:
+    """Per-prompt records (one greedy answer each: n = 1) of clean accuracy, ASR, triggered."""
+    keys = ("problem", "clean", "asr", "triggered")
+    columns = zip(*(outcomes[key] for key in keys), strict=True)
+    return [
+        {"id": str(p), "n": 1, "correct": int(c), "asr": int(a), "triggered": int(t)}
+        for p, c, a, t in columns
+    ]
+
+
 def store_rows(rows: list[dict], stale: str | None = None) -> None:
-    """Each run not yet in the store as a record (its per-prompt outcomes kept beside)."""
+    """Each run not yet in the store as a record, with its per-prompt outcomes."""
     for row in rows:
         table, arm = table_and_arm(row)
         seed = row.get("seed", TUNING["seed"])
@@ -338,7 +366,7 @@ def store_rows(rows: list[dict], stale: str | None = None) -> None:
             base_model=Path(model[0]).name if model else "tiny (built by the kit)",
             metrics={**row["metrics"], "seconds": row["seconds"]},
             counts=PROMPTS,
-            extra={"outcomes": row["outcomes"]} if "outcomes" in row else None,
+            problems=prompt_outcomes(row["outcomes"]) if "outcomes" in row else None,
             stale=stale,
             root=ROOT,
         )

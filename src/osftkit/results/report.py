@@ -20,7 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from osftkit.results.stats import hierarchical_interval, seed_interval
+from osftkit.results.stats import (
+    Estimate,
+    hierarchical_interval,
+    holm,
+    paired_difference,
+    seed_interval,
+)
 
 BLOCK = re.compile(
     r"<!-- results:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S
@@ -50,7 +56,8 @@ class Table:
     columns: Sequence[Column]
     rows: Sequence[str] = ()
     caption: str = ""
-    problem_metric: str = "val/pass@1"  # the metric the per-problem outcomes resample
+    # metric -> the per-problem outcome field it averages (a fraction of the problem's n samples)
+    problem_fields: Mapping[str, str] = field(default_factory=lambda: {"val/pass@1": "correct"})
     counts: bool = True  # seeds / problems / samples columns
     filter: Callable[[dict[str, Any]], bool] | None = field(default=None, compare=False)
     labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # arm -> key -> text
@@ -65,14 +72,15 @@ def group_rows(table: Table, records: list[dict[str, Any]]) -> dict[str, list[di
     return {arm: rows for arm, rows in grouped.items() if rows}
 
 
-def problem_grid(rows: list[dict[str, Any]]) -> np.ndarray | None:
-    """(seeds, problems) per-problem accuracy when every record has the same problems."""
-    if not all(r["problems"] for r in rows):
+def problem_grid(rows: list[dict[str, Any]], outcome: str = "correct") -> np.ndarray | None:
+    """(seeds, problems) per-problem score `outcome` / n when every record has the same problems
+    in the same order (None otherwise)."""
+    if not all(r["problems"] and outcome in r["problems"][0] for r in rows):
         return None
     ids = [[p["id"] for p in r["problems"]] for r in rows]
     if any(i != ids[0] for i in ids):
         return None
-    return np.array([[p["correct"] / p["n"] for p in r["problems"]] for r in rows])
+    return np.array([[p[outcome] / p["n"] for p in r["problems"]] for r in rows])
 
 
 def cell(table: Table, column: Column, arm: str, rows: list[dict[str, Any]]) -> str:
@@ -84,7 +92,8 @@ def cell(table: Table, column: Column, arm: str, rows: list[dict[str, Any]]) -> 
     text = f"{column.scale * np.mean(values):.{column.digits}f}"
     if not column.interval or len(rows) < 2:
         return text
-    grid = problem_grid(rows) if column.metric == table.problem_metric else None
+    outcome = table.problem_fields.get(column.metric)
+    grid = problem_grid(rows, outcome) if outcome else None
     estimate = hierarchical_interval(grid) if grid is not None else seed_interval(values)
     low, high = column.scale * estimate.low, column.scale * estimate.high
     return f"{text} [{low:.{column.digits}f}, {high:.{column.digits}f}]"
@@ -109,7 +118,93 @@ def joined(values: set) -> str:
     return ", ".join(str(v) for v in sorted(v for v in values if v)) or "-"
 
 
-def render(table: Table, records: list[dict[str, Any]]) -> str:
+@dataclass(frozen=True)
+class Paired:
+    """A table of paired differences: each arm of `source` minus `reference`, per outcome field
+    (title, field), over the seeds both have and the same problems; a hierarchical bootstrap
+    interval and p-value per cell, Holm-adjusted across the whole table."""
+
+    name: str
+    source: str
+    reference: str
+    outcomes: Sequence[tuple[str, str]]
+    rows: Sequence[str] = ()
+    caption: str = ""
+    scale: float = 1.0
+    digits: int = 1
+
+
+def paired_grids(
+    rows: list[dict[str, Any]], reference: list[dict[str, Any]], outcome: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two arms' (seeds, problems) grids on their common seeds, or None without outcomes."""
+    seeds = sorted({r["seed"] for r in rows} & {r["seed"] for r in reference}, key=str)
+    if not seeds:
+        return None
+    first = [next(r for r in rows if r["seed"] == s) for s in seeds]
+    second = [next(r for r in reference if r["seed"] == s) for s in seeds]
+    a, b = problem_grid(first, outcome), problem_grid(second, outcome)
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    same = all(
+        [p["id"] for p in x["problems"]] == [p["id"] for p in y["problems"]]
+        for x, y in zip(first, second, strict=True)
+    )
+    return (a, b) if same else None
+
+
+def render_paired(table: Paired, records: list[dict[str, Any]]) -> str:
+    grouped = group_rows(Table(table.source, [], rows=table.rows), records)
+    reference = grouped.get(table.reference, [])
+    estimates = {}
+    for arm, rows in grouped.items():
+        for title, outcome in table.outcomes:
+            grids = paired_grids(rows, reference, outcome) if arm != table.reference else None
+            if grids is not None:
+                estimates[arm, title] = paired_difference(*grids)
+    adjusted = dict(zip(estimates, holm([e.p_value for e in estimates.values()]), strict=True))
+    head = ["row", *(title for title, _ in table.outcomes)]
+    lines = [table.caption, ""] if table.caption else []
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for arm in grouped:
+        if arm == table.reference:
+            continue
+        cells = [
+            paired_cell(table, estimates.get((arm, t)), adjusted.get((arm, t)))
+            for t, _ in table.outcomes
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", PAIRED]
+    return "\n".join(lines) + "\n"
+
+
+def paired_cell(table: Paired, estimate: Estimate | None, holm_p: float | None) -> str:
+    if estimate is None:
+        return "-"
+    mean, low, high = (table.scale * x for x in (estimate.mean, estimate.low, estimate.high))
+    d = table.digits
+    return (
+        f"{mean:+.{d}f} [{low:+.{d}f}, {high:+.{d}f}], p {estimate.p_value:.3f} (Holm {holm_p:.3f})"
+    )
+
+
+PAIRED = (
+    "Difference from the reference row on the same problems and seeds [95% interval], from a "
+    "bootstrap over seeds and then problems; p: two-sided bootstrap p-value, Holm-adjusted across "
+    "this table; '-': no per-problem outcomes stored. Generated from the store; do not edit."
+)
+
+
+AnyTable = Table | Paired
+
+
+def render(table: AnyTable, records: list[dict[str, Any]]) -> str:
+    if isinstance(table, Paired):
+        return render_paired(table, records)
+    return render_table(table, records)
+
+
+def render_table(table: Table, records: list[dict[str, Any]]) -> str:
     """Markdown of `table` from `records`: its caption, the rows, a line on the intervals."""
     head = ["row", *(["seeds", "problems", "samples"] if table.counts else [])]
     head += [c.title for c in table.columns] + ["commit"]
@@ -152,9 +247,10 @@ def same_code(first: str, second: str, root: Path) -> bool:
     return done.returncode == 0
 
 
-def mixed_commits(table: Table, records: list[dict[str, Any]], root: Path) -> list[str]:
+def mixed_commits(table: AnyTable, records: list[dict[str, Any]], root: Path) -> list[str]:
     """Rows of `table` (not stale) measured on code that differs from its first row's."""
-    fresh = [r for rows in group_rows(table, records).values() for r in rows if not r["stale"]]
+    source = Table(table.source, []) if isinstance(table, Paired) else table
+    fresh = [r for rows in group_rows(source, records).values() for r in rows if not r["stale"]]
     if not fresh:
         return []
     first = fresh[0]["commit"]
@@ -169,7 +265,7 @@ def mixed_commits(table: Table, records: list[dict[str, Any]], root: Path) -> li
 def check(
     readmes: Sequence[Path],
     study: str,
-    tables: Sequence[Table],
+    tables: Sequence[AnyTable],
     records: list[dict[str, Any]],
     root: Path,
 ) -> list[str]:
@@ -190,7 +286,9 @@ def check(
     return problems
 
 
-def report(readmes: Sequence[Path], tables: Sequence[Table], records: list[dict[str, Any]]) -> None:
+def report(
+    readmes: Sequence[Path], tables: Sequence[AnyTable], records: list[dict[str, Any]]
+) -> None:
     """Write every generated table into its blocks in the READMEs."""
     generated = {t.name: render(t, records) for t in tables}
     for readme in readmes:
@@ -201,7 +299,7 @@ def report_or_check(
     mode: str,
     readmes: Sequence[Path],
     study: str,
-    tables: Sequence[Table],
+    tables: Sequence[AnyTable],
     records: list,
     root: Path,
 ) -> int:
