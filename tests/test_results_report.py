@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from test_results_store import commit, git_repo
+from test_results_store import add_record, commit, git_repo
 
 from osftkit.results.report import Column, Paired, Table, check, render, report
 from osftkit.results.store import ResultStore, problem_outcomes
@@ -15,12 +15,11 @@ def add(store: ResultStore, repo: Path, arm: str, seed: int, hits: list[bool], *
     problems = problem_outcomes(
         [f"p{i}" for i in range(len(hits))], [[h] for h in hits], [[5]] * len(hits)
     )
-    store.add(
+    add_record(
+        store,
         table="demo.main",
         arm=arm,
         seed=seed,
-        config_hash="h",
-        base_model="m",
         metrics={"val/pass@1": sum(hits) / len(hits), "wall_s": 10.0 + seed},
         problems=problems,
         root=repo,
@@ -102,25 +101,9 @@ def test_paired_table_resamples_seeds_and_prompts_and_adjusts_with_holm(tmp_path
     clean = [i % 2 for i in range(40)]
     for seed in (0, 1, 2):
         for arm, asr in (("backdoored", 1), ("removal", 0)):
-            store.add(
-                table="demo.pair",
-                arm=arm,
-                seed=seed,
-                config_hash="h",
-                base_model="m",
-                metrics={},
-                problems=prompts(asr, clean),
-                root=tmp_path,
-            )
-    store.add(
-        table="demo.pair",
-        arm="old row",
-        seed=0,
-        config_hash="h",
-        base_model="m",
-        metrics={},
-        root=tmp_path,
-    )
+            problems = prompts(asr, clean)
+            add_record(store, table="demo.pair", arm=arm, seed=seed, problems=problems)
+    add_record(store, table="demo.pair", arm="old row")
     table = Paired(
         "demo.paired", "demo.pair", "backdoored", [("ASR", "asr"), ("clean", "correct")], scale=100
     )

@@ -3,6 +3,7 @@
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from osftkit.results.store import ResultStore, config_hash, git_state, problem_outcomes
 
@@ -14,6 +15,12 @@ def git_repo(path: Path) -> Path:
         (path / name).write_text(text)
     commit(path, "first")
     return path
+
+
+def add_record(store: ResultStore, **fields: Any) -> dict[str, Any]:
+    """A record with placeholder stamps (table t, arm a, seed 0, ...); `fields` override them."""
+    defaults = {"table": "t", "arm": "a", "seed": 0, "config_hash": "h", "base_model": "m"}
+    return store.add(**{**defaults, "metrics": {}, **fields})
 
 
 def commit(path: Path, message: str) -> str:
@@ -74,15 +81,7 @@ def test_samples_are_written_for_another_grader(tmp_path: Path) -> None:
             "correct": True,
         },
     ]
-    record = store.add(
-        table="t",
-        arm="GRPO (G = 8)",
-        seed=1,
-        config_hash="h",
-        base_model="m",
-        metrics={},
-        samples=samples,
-    )
+    record = add_record(store, arm="GRPO (G = 8)", seed=1, samples=samples)
     lines = (store.directory / record["samples"]).read_text().splitlines()
     assert [json.loads(line) for line in lines] == samples
 
