@@ -90,6 +90,12 @@ def test_check_fails_on_a_mixed_commit_table_unless_the_row_is_stale(tmp_path: P
     report([readme], [TABLE], store.records())
     assert "| DAPO |" in readme.read_text() and f"stale @ {old[:7]}" in readme.read_text()
     assert len(check([readme], "demo", [TABLE], store.records(), repo)) == 1  # EM-FT only
+    # A row measured on uncommitted code is refused too.
+    add(store, repo, "Dr. GRPO", 0, [True, False, True, False])  # the README report() wrote
+    (problem,) = [
+        p for p in check([readme], "demo", [TABLE], store.records(), repo) if "dirty" in p
+    ]
+    assert "Dr. GRPO" in problem
 
 
 def test_paired_table_resamples_seeds_and_prompts_and_adjusts_with_holm(tmp_path: Path) -> None:

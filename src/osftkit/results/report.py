@@ -6,9 +6,9 @@ README between markers, and check that the README says what the store says.
     <!-- /results:NAME -->
 
 `check` fails when a block differs from what the store generates, when a README holds a block
-the study does not generate, or when a table mixes rows measured on commits that differ in
-`src/` or `configs/` (a row imported from an older revision is marked stale with its commit and
-allowed: the table prints that commit beside it).
+the study does not generate, when a row was measured on a dirty tree, or when a table mixes rows
+measured on commits that differ in `src/` or `configs/` (a row imported from an older revision
+is marked stale with its commit and allowed: the table prints that commit beside it).
 """
 
 import re
@@ -248,13 +248,20 @@ def same_code(first: str, second: str, root: Path) -> bool:
 
 
 def mixed_commits(table: AnyTable, records: list[dict[str, Any]], root: Path) -> list[str]:
-    """Rows of `table` (not stale) measured on code that differs from its first row's."""
+    """Rows of `table` (not stale) measured on a dirty tree or on code that differs from its
+    first row's."""
     source = Table(table.source, []) if isinstance(table, Paired) else table
     fresh = [r for rows in group_rows(source, records).values() for r in rows if not r["stale"]]
     if not fresh:
         return []
     first = fresh[0]["commit"]
-    return [
+    problems = [
+        f"table '{table.name}': row '{r['arm']}' (seed {r['seed']}) was measured on a dirty "
+        f"tree at {r['commit'][:7]}: commit the code and rerun it"
+        for r in fresh
+        if r["dirty"]
+    ]
+    return problems + [
         f"table '{table.name}': row '{r['arm']}' (seed {r['seed']}) is on {r['commit'][:7]}, "
         f"whose src/ or configs/ differ from {first[:7]}'s; rerun it or mark it stale"
         for r in fresh
