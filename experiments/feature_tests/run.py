@@ -11,6 +11,7 @@ import argparse
 import functools
 import json
 import logging
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -40,6 +41,8 @@ from osftkit.interpret.predictor import PredictorModule
 from osftkit.interpret.samplers import LMInfillSampler, train_masked_lm
 from osftkit.metrics.discovery_rates import best_tpr_at_fdr, fdr_tpr, fdr_tpr_curve
 from osftkit.models.small_nets import MLP, SmallCNN, TextClassifier
+from osftkit.results.report import Column, Table, report_or_check
+from osftkit.results.store import ResultStore, config_hash
 from osftkit.train import build_components, build_trainer, compose_train_config, instantiate_group
 
 matplotlib.use("Agg")
@@ -304,6 +307,158 @@ def others_md(repeats: int, ranking: dict, other: dict, text: dict) -> str:
 
 
 SECTIONS = ("simulation", "others")
+STORE = ResultStore(OUT)
+ROOT = Path(__file__).resolve().parents[2]
+# The commits at which each results file's numbers entered the repository (results.json's were
+# measured at cdba461 and relabelled by hand at e620cfa).
+LEGACY = {
+    "simulation.json": "8ed92d4",
+    "results.json": "cdba461",
+    "trigger_discovery.json": "833085f",
+    "trigger_discovery_baselines.json": "df46775",
+}
+FDR_TPR = [
+    Column("FDR", "fdr"),
+    Column("s.e.", "fdr_se", interval=False),
+    Column("TPR", "tpr"),
+]
+REPEATS = "; FDR, s.e. of the mean FDR over the repeats, TPR: realised per repeat and averaged"
+TABLES = [
+    Table(
+        "feature_tests.simulation",
+        [*FDR_TPR, Column("paper FDR / TPR", label_key="paper")],
+        caption=f"**Simulation, converged models**, 100 instances x 25 features{REPEATS}",
+        counts=False,
+        labels={
+            f"{test} {side}, alpha {alpha}": {"paper": f"{fdr} / {tpr}"}
+            for (test, side), refs in PAPER.items()
+            for alpha, (fdr, tpr) in zip(ALPHAS, refs, strict=True)
+        },
+    ),
+    Table(
+        "feature_tests.simulation_former",
+        FDR_TPR,
+        caption=f"**Simulation, the former 3-epoch models**{REPEATS}",
+        counts=False,
+    ),
+    Table(
+        "feature_tests.ranking",
+        [Column("best TPR at FDR <= 0.1", "tpr")],
+        caption="**Pooled ranking against captum** (last repeat, the truth picks the top-k)",
+        counts=False,
+    ),
+    Table(
+        "feature_tests.other",
+        FDR_TPR,
+        caption=f"**Other designs at alpha 0.1**{REPEATS} (captum rows: best TPR, no FDR)",
+        counts=False,
+    ),
+    Table(
+        "feature_tests.sentences",
+        [Column("FDR", "fdr"), Column("TPR", "tpr")],
+        caption="**Sentences**, two-sided tests at alpha 0.2, 100 sentences x 10 tokens",
+        counts=False,
+    ),
+    Table(
+        "feature_tests.digits",
+        [
+            Column("images", "images", digits=0),
+            Column("patches", "patches", digits=0),
+            Column("discoveries per image", "discoveries_per_image", digits=2),
+        ],
+        caption="**Digits**, one-shot at alpha 0.2 (no ground truth)",
+        counts=False,
+    ),
+    Table(
+        "feature_tests.trigger_discovery",
+        [Column("FDR", "fdr"), Column("power", "power"), Column("clean discoveries", "clean", 0)],
+        caption="**Trigger discovery, stage 1** (alpha 0.1; seeds: the planted models)",
+    ),
+    Table(
+        "feature_tests.trigger_confirmation",
+        [Column("effect (nats)", "effect", digits=2), Column("p", "p")],
+        caption="**Trigger discovery, stage 2** (sign flips, BY at 0.1; seeds: the models)",
+    ),
+]
+
+
+def alpha_rows(table: dict) -> dict[str, dict[str, float]]:
+    """{'IRT one-sided, alpha 0.05': metrics} from {test: [(fdr, tpr, se) per alpha]}."""
+    return {
+        f"{test}, alpha {alpha}": {"fdr": fdr, "tpr": tpr, "fdr_se": se}
+        for test, cells in table.items()
+        for alpha, (fdr, tpr, se) in zip((*ALPHAS, 0.01), cells, strict=True)
+    }
+
+
+def discovery_rows(run: dict) -> list[tuple[str, str, int, dict]]:
+    """(table, arm, planted model's seed, metrics) of one run of trigger_discovery*.json."""
+    rows = []
+    for test in ("irt", "one_shot"):
+        found = run[test]
+        metrics = {
+            "fdr": found["fdr"],
+            "power": found["power"],
+            "clean": found["clean_discoveries"],
+        }
+        arm = f"{run['sampler']} sampler: {'IRT (BH), K = 100' if test == 'irt' else 'one-shot'}"
+        rows.append(("trigger_discovery", arm, run["seed"], metrics))
+    confirmation = run["confirmation"]
+    for phrase, effect, p in zip(
+        confirmation["candidates"], confirmation["effects"], confirmation["pvalues"], strict=True
+    ):
+        arm = f"{run['sampler']} sampler: '{phrase}'"
+        rows.append(("trigger_confirmation", arm, run["seed"], {"effect": effect, "p": p}))
+    return rows
+
+
+def other_metrics(key: str, value: list[float]) -> dict[str, float]:
+    """A captum row holds its best TPR at FDR <= 0.1 only; a test's row FDR, TPR and s.e."""
+    if "best TPR" in key:
+        return {"tpr": value[1]}
+    return dict(zip(("fdr", "tpr", "fdr_se"), value, strict=True))
+
+
+def records_of(name: str, data: dict | list) -> list[tuple[str, str, int | None, dict]]:
+    """(table, arm, seed, metrics) of one results file."""
+    if name == "simulation.json":
+        return [("simulation", a, None, m) for a, m in alpha_rows(data["table"]).items()]
+    if name == "results.json":
+        former = alpha_rows(data.get("simulation", {}))  # the legacy file's 3-epoch table
+        rows = [("simulation_former", a, None, m) for a, m in former.items()]
+        rows += [("ranking", k, None, {"tpr": v}) for k, v in data["ranking"].items()]
+        rows += [("other", k, None, other_metrics(k, v)) for k, v in data["other"].items()]
+        text = data["sentences"]
+        rows += [("sentences", k, None, {"fdr": v[0], "tpr": v[1]}) for k, v in text.items()]
+        return rows + records_of("digits", data["digits"])
+    if name == "digits":
+        return [("digits", "one-shot, alpha 0.2", None, data)]
+    return [row for run in data for row in discovery_rows(run)]
+
+
+def store_results(
+    name: str, data: dict | list, settings: dict | None = None, stale: str | None = None
+) -> None:
+    """Records of a results file's rows; `settings` (repeats, sizes) make the config hash."""
+    digest = config_hash({"file": name, **(settings or {})}) if settings else "legacy"
+    for table, arm, seed, metrics in records_of(name, data):
+        STORE.add(
+            table=f"feature_tests.{table}",
+            arm=arm,
+            seed=seed,
+            config_hash=digest,
+            base_model="-",
+            metrics=metrics,
+            stale=stale,
+            root=ROOT,
+        )
+
+
+def import_legacy() -> None:
+    """The store from the results files (every record stale with the commit that recorded it)."""
+    STORE.path.unlink(missing_ok=True)
+    for name, commit in LEGACY.items():
+        store_results(name, json.loads((OUT / name).read_text()), stale=commit)
 
 
 def main() -> None:
@@ -318,7 +473,16 @@ def main() -> None:
         "captum rankings, correlated and threshold designs, digits, sentences",
     )
     parser.add_argument("--repeats", type=int, help=f"simulation repeats ({SIMULATION_REPEATS})")
+    parser.add_argument("--report", action="store_true", help="write the README's tables")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a README table is off")
+    parser.add_argument("--import-legacy", action="store_true", help="the store from results/")
     args = parser.parse_args()
+    if args.import_legacy:
+        import_legacy()
+    if args.report or args.check:
+        mode = "report" if args.report else "check"
+        readmes = [Path(__file__).parent / "README.md", ROOT / "README.md"]
+        sys.exit(report_or_check(mode, readmes, "feature_tests", TABLES, STORE.records(), ROOT))
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -335,6 +499,8 @@ def main() -> None:
         report += f"\nTotal {time.perf_counter() - start:.0f} s\n"
         (out / "simulation.md").write_text(report)
         (out / "simulation.json").write_text(json.dumps({"table": table, **calls}, indent=1))
+        if not args.quick:
+            store_results("simulation.json", {"table": table}, {"repeats": sim_repeats})
         print(report)
     if "others" in args.sections:
         others(out, repeats, num_train, steps, start)
@@ -365,6 +531,8 @@ def others(out: Path, repeats: int, num_train: int, steps: int, start: float) ->
     (out / "tables.md").write_text(report)
     results = {"ranking": ranking, "other": other, "sentences": text, "digits": digit_stats}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    if out == OUT:
+        store_results("results.json", results, {"repeats": repeats, "num_train": num_train})
     print(report)
 
 

@@ -3,10 +3,12 @@
     .venv/bin/python experiments/online_sft/run.py                    # every arm, about 2 CPU hours
     .venv/bin/python experiments/online_sft/run.py --seeds 0          # one seed
     .venv/bin/python experiments/online_sft/run.py --arms EM-FT DAPO  # only these arms
+    .venv/bin/python experiments/online_sft/run.py --report           # README tables from the store
+    .venv/bin/python experiments/online_sft/run.py --check            # README == store?
 
-Every arm is a preset of configs/experiment/ run through osftkit.train.run; results, curves and
-the table are written next to this file. Arms not run this time keep their rows (and curves,
-where recorded) from results.json.
+Every arm is a preset of configs/experiment/ run through osftkit.train.run; each finished run
+is a stamped record in results/records.jsonl (the store: a rerun skips what it holds), and the
+README's tables are generated from the store. results.json keeps the curves for the plot.
 """
 
 import argparse
@@ -15,21 +17,26 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from osftkit.results.report import Column, Table, report_or_check
+from osftkit.results.store import ResultStore, config_hash
 
-from osftkit.evaluate import evaluate  # noqa: E402
-from osftkit.train import compose_train_config, run  # noqa: E402
+if TYPE_CHECKING:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+# Training, evaluation, TensorBoard and matplotlib are imported where a run needs them, so that
+# --report and --check (the fast tests) start in seconds.
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+STORE = ResultStore(HERE / "results")
 TAU_SWEEP = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
 COLUMNS = ["val/pass@1", "val/greedy_acc", "val/pass@8"]
 OSFT = "OSFT (tau_s 0.6, tau_t 1)"
@@ -92,7 +99,42 @@ ARMS = {
 }
 
 
-def events(run_dir: Path) -> EventAccumulator:
+# The validation set of every recorded row: 256 problems, n = 8 samples at tau_eval 1.
+VALIDATION = {"problems": 256, "samples": 8}
+METRIC_COLUMNS = [
+    Column("pass@1 (tau_eval 1)", "val/pass@1"),
+    Column("greedy acc", "val/greedy_acc"),
+    Column("pass@8", "val/pass@8"),
+]
+TABLES = [
+    Table(
+        "online_sft.bases",
+        [
+            Column("tau_eval", "tau_eval", digits=1),
+            Column("pass@1", "val/pass@1"),
+            *METRIC_COLUMNS[1:],
+        ],
+        caption="**The bases**, swept over tau_eval (`eval.py`); one evaluation each.",
+    ),
+    Table(
+        "online_sft.main",
+        [
+            *METRIC_COLUMNS,
+            Column("steps", "steps", digits=0, interval=False),
+            Column("wall s", "wall_s", digits=0, interval=False),
+            Column("tokens generated", "tokens", digits=0, interval=False),
+            Column("paper pass@1 (%)", label_key="paper"),
+        ],
+        rows=tuple(ARMS),
+        caption="**The arms**, metrics at each run's last step.",
+        labels={name: {"paper": arm.paper} for name, arm in ARMS.items()},
+    ),
+]
+
+
+def events(run_dir: Path) -> "EventAccumulator":
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     # Runs of earlier revisions wrote their samples one step ahead of the validation's
     # scalars; without purge_orphaned_data=False the reader drops every later point.
     accumulator = EventAccumulator(str(run_dir / "tensorboard"), purge_orphaned_data=False)
@@ -125,6 +167,8 @@ def summary(run_dir: Path) -> dict:
 
 def run_arm(overrides: tuple[str, ...], seed: int, out: Path) -> dict:
     """Run one arm unless a finished run is already in `out` (so the study can be resumed)."""
+    from osftkit.train import compose_train_config, run
+
     # The bases are evaluated once by the sweep; the last validation falls on the last step.
     cfg = compose_train_config(
         [
@@ -144,8 +188,39 @@ def run_arm(overrides: tuple[str, ...], seed: int, out: Path) -> dict:
     return summary(out)
 
 
+def record_arm(name: str, overrides: tuple[str, ...], seed: int, out: Path) -> dict:
+    """Run an arm's seed unless the store holds it (same config hash), and record it."""
+    from osftkit.train import compose_train_config
+
+    cfg = compose_train_config([*overrides, f"seed={seed}"])
+    digest = config_hash(OmegaConf.to_container(cfg, resolve=True))
+    recorded = STORE.find(name, seed, digest)
+    if recorded:
+        return {**recorded["metrics"], "curve": recorded.get("extra", {}).get("curve")}
+    result = run_arm(overrides, seed, out)
+    STORE.add(
+        table="online_sft.main",
+        arm=name,
+        seed=seed,
+        config_hash=digest,
+        base_model=str(cfg.model.get("path") or cfg.model.get("name", "")),
+        metrics={**metric_values(result), "steps": cfg.trainer.max_steps},
+        counts=VALIDATION,
+        extra={"curve": result["curve"]},
+        root=ROOT,
+    )
+    return result
+
+
+def metric_values(result: dict) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k != "curve"}
+
+
 def base_rows(model: str, out: Path) -> list[dict]:
     """The tau_eval sweep of a base model (read back from eval.csv when it already ran)."""
+    from osftkit.evaluate import evaluate
+    from osftkit.train import compose_train_config
+
     if (out / "eval.csv").exists():
         with (out / "eval.csv").open() as handle:
             return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
@@ -235,6 +310,11 @@ def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
 def plot_curves(results: dict[str, list[dict]], bases: dict[str, dict]) -> None:
     """pass@1 against optimiser steps, generated tokens and wall time, every arm. Arms whose
     rows predate the recorded curves are drawn as their final point (hollow marker)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(1, 3, figsize=(20, 5))
     colours = plt.cm.tab20(np.linspace(0, 1, max(len(results), 2)))
     for colour, (name, rows) in zip(colours, results.items(), strict=False):
@@ -261,6 +341,52 @@ def plot_curves(results: dict[str, list[dict]], bases: dict[str, dict]) -> None:
     figure.savefig(HERE / "pass1_curves.png", dpi=120)
 
 
+# results.json's history: the commit at which each row's numbers entered the repository.
+LEGACY_COMMITS = ("14b131f", "25d170c", "0c835db", "aa48c29", "8d22e3f", "4364f83", "af49aff")
+
+
+def import_legacy() -> None:
+    """Records (marked stale with their commit) of every row of the last results.json, each
+    with the commit at which its numbers last changed; replaces the store's file."""
+    rows, first = {}, {}
+    for commit in LEGACY_COMMITS:
+        shown = subprocess.run(
+            ["git", "show", f"{commit}:experiments/online_sft/results.json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        saved = json.loads(shown)
+        found = {("online_sft.bases", k): [v] for k, v in saved.get("bases", {}).items()}
+        found |= {("online_sft.main", k): v for k, v in saved.get("runs", {}).items()}
+        for key, value in found.items():
+            if rows.get(key) != value:
+                first[key] = commit
+            rows[key] = value
+    final = json.loads((HERE / "results.json").read_text())
+    kept = {("online_sft.bases", k) for k in final["bases"]} | {
+        ("online_sft.main", k) for k in final["runs"]
+    }
+    STORE.path.unlink(missing_ok=True)
+    for (table, arm), runs in rows.items():
+        if (table, arm) not in kept:
+            continue
+        for seed, result in enumerate(runs):
+            steps = result["curve"][-1][0] + 1 if result.get("curve") else 200  # old rows: 200
+            STORE.add(
+                table=table,
+                arm=arm,
+                seed=seed if table == "online_sft.main" else None,
+                config_hash="legacy",
+                base_model="arith_base_undertrained" if "under-trained" in arm else "arith_base",
+                metrics=metric_values(result)
+                | ({"steps": steps} if table.endswith("main") else {}),
+                counts=VALIDATION,
+                stale=first[(table, arm)],
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -280,8 +406,19 @@ def main() -> None:
         help="with --arms: sweep the bases again (after their recipe changed), not read them",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
+    parser.add_argument("--report", action="store_true", help="write the README's tables")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a README table is off")
+    parser.add_argument(
+        "--import-legacy", action="store_true", help="rebuild the store from results.json's history"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
+    if args.import_legacy:
+        import_legacy()
+    if args.report or args.check:
+        mode = "report" if args.report else "check"
+        readmes = [HERE / "README.md", ROOT / "README.md"]
+        sys.exit(report_or_check(mode, readmes, "online_sft", TABLES, STORE.records(), ROOT))
     saved = (
         json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
     )
@@ -296,7 +433,7 @@ def main() -> None:
         seeds = args.few_seeds if arm.few_seeds else args.seeds
         slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
         results[name] = [
-            run_arm(arm.overrides, seed, args.out / slug / f"seed{seed}") for seed in seeds
+            record_arm(name, arm.overrides, seed, args.out / slug / f"seed{seed}") for seed in seeds
         ]
         results = {n: results[n] for n in ARMS if n in results}  # table order = ARMS order
         (HERE / "results.json").write_text(json.dumps({"bases": bases, "runs": results}, indent=1))

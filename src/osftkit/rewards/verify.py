@@ -8,6 +8,7 @@ from functools import lru_cache, partial
 from typing import Any
 
 from osftkit.rewards.extract import extract_boxed, extract_gsm8k
+from osftkit.rewards.reference_grader import reference_equal
 
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "boxed": extract_boxed,
@@ -39,11 +40,18 @@ def math_equal(prediction: str, gold: str, timeout_s: int = 1) -> bool:
         return False
 
 
-COMPARATORS: dict[str, Callable[..., bool]] = {"exact": exact_match, "math": math_equal}
+# "math": math-verify; "sept": the SePT code's grader (Hendrycks normalisation, sympy, then
+# math-verify), more lenient on units, text and tuples (reference_grader.py).
+COMPARATORS: dict[str, Callable[..., bool]] = {
+    "exact": exact_match,
+    "math": math_equal,
+    "sept": reference_equal,
+}
 
 
 class AnswerChecker:
-    """Binary verifier: extract the final answer (`boxed`, `gsm8k`, `whole`) and compare it.
+    """Binary verifier: extract the final answer (`boxed`, `gsm8k`, `whole`) and compare it
+    (`exact`, `math`: math-verify, `sept`: the Online SFT reference's grader).
 
     `timeout_s` bounds math-verify's parse and comparison (the Online SFT reference uses 1 s);
     with `num_workers` >= 2 a batch of more answers than workers is scored in that many worker

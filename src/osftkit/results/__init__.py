@@ -1,0 +1,1 @@
+"""Study results: stamped per-problem records, intervals with the right unit, generated tables."""
