@@ -18,6 +18,8 @@ from contextlib import contextmanager
 import sympy
 from sympy.parsing import sympy_parser
 
+from osftkit.rewards.comparators import math_equal
+
 # Words that name units or objects after a number; removed before comparing.
 UNIT_WORDS = (
     "degree", "cm", "centimeter", "meter", "mile", "second", "minute", "hour", "day", "week",
@@ -195,8 +197,6 @@ def element_equal(gold: str, given: str, timeout_s: int) -> bool:
 
 def reference_equal(prediction: str, gold: str, timeout_s: int = 1) -> bool:
     """SePT's grader: Hendrycks normalisation, then sympy, then math-verify."""
-    from osftkit.rewards.verify import math_equal
-
     if hendrycks_normalise(prediction) == hendrycks_normalise(gold):
         return True
     return sympy_equal(prediction, gold, timeout_s) or math_equal(prediction, gold, timeout_s)

@@ -7,6 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache, partial
 from typing import Any
 
+from osftkit.rewards.comparators import exact_match, math_equal
 from osftkit.rewards.extract import extract_boxed, extract_gsm8k
 from osftkit.rewards.reference_grader import reference_equal
 
@@ -18,26 +19,6 @@ EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 # Chunks per worker when a batch is scored in parallel: a few, so that one slow chunk (answers
 # that run into the timeout) does not leave the other workers idle.
 CHUNKS_PER_WORKER = 4
-
-
-def exact_match(prediction: str, gold: str, timeout_s: int = 1) -> bool:
-    return prediction.strip() == gold.strip()
-
-
-def math_equal(prediction: str, gold: str, timeout_s: int = 1) -> bool:
-    """LaTeX-aware equivalence with math-verify (\\frac{1}{2} == 0.5), exact match as a fallback.
-    Parsing and comparing each stop after `timeout_s` seconds (an answer such as
-    9^{9^{9^{9^{9}}}} would hold sympy for ever): that answer is scored wrong."""
-    if exact_match(prediction, gold):
-        return True
-    from math_verify import parse, verify
-
-    try:
-        parsed_gold = parse(f"${gold}$", parsing_timeout=timeout_s)
-        parsed = parse(f"${prediction}$", parsing_timeout=timeout_s)
-        return bool(verify(parsed_gold, parsed, timeout_seconds=timeout_s))
-    except Exception:  # math-verify raises on unparsable LaTeX: that answer is simply wrong
-        return False
 
 
 # "math": math-verify; "sept": the SePT code's grader (Hendrycks normalisation, sympy, then
