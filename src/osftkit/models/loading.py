@@ -4,11 +4,13 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from filelock import FileLock
@@ -44,6 +46,32 @@ def _offline_message(path: str, error: Exception) -> str:
         f"access (`huggingface-cli download {path} --local-dir /some/dir`) and run with "
         f"model.path=/some/dir, or use the offline default model=tiny."
     )
+
+
+def hub_access(location: str) -> dict[str, Any]:
+    """`from_pretrained` kwargs for `location`: a hub id whose hub does not answer one quick
+    connection is read from the local cache only, so an offline machine fails at once (the hub
+    client would retry five times with back-off, about a minute) or loads what is cached."""
+    from huggingface_hub import constants
+
+    if Path(location).expanduser().exists() or constants.HF_HUB_OFFLINE or _proxied():
+        return {}  # a local dir; the hub client's own offline mode; a proxy we cannot probe
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+    except OSError:
+        log.warning("%s does not answer: reading '%s' from the local cache only", endpoint.netloc,
+                    location)  # fmt: skip
+        return {"local_files_only": True}
+    return {}
+
+
+HUB_PROBE_S = 5.0  # seconds one connection to the hub may take before it counts as offline
+
+
+def _proxied() -> bool:
+    return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
 
 
 def build_once(directory: Path, build: Callable[[Path], None], what: str) -> Path:
@@ -134,21 +162,33 @@ def load_causal_lm(
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
     location = resolve_path(path, cache_dir, tiny, build_with)
     check_model_dir(location)
+    access = hub_access(location)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, **access
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **access
         )
     except OSError as error:
         raise ModelNotFoundError(_offline_message(location, error)) from error
     _ensure_pad_token(tokenizer, model)
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        enable_checkpointing(model)
     if lora is not None:
         model = _wrap_lora(model, lora)
     return LoadedModel(model=model, tokenizer=tokenizer)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of each decoder layer: transformers >= 5.23 names
+    it `activation_checkpointing_enable`, the releases before (vllm 0.33.0 needs < 5.21)
+    `gradient_checkpointing_enable`, with the same kwargs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> None:
