@@ -1,5 +1,6 @@
 """Load a causal LM and its tokenizer: hub id, local directory, or a model the kit builds."""
 
+import contextlib
 import logging
 import os
 import re
@@ -152,11 +153,14 @@ def load_causal_lm(
     tiny: dict | None = None,
     build_with: list[str] | None = None,
     gradient_checkpointing: bool = False,
+    rank0_loads: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer with `from_pretrained`; optionally wrap the model with LoRA.
 
     `gradient_checkpointing` recomputes each decoder layer in backward instead of keeping its
     activations (transformers' own, non-reentrant, so it works with LoRA and every strategy).
+    `rank0_loads` (hardware=fsdp's strategy key): a process launched as another rank builds the
+    model on the meta device; the strategy broadcasts rank 0's weights into the shards.
     """
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
@@ -167,9 +171,12 @@ def load_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(
             location, trust_remote_code=trust_remote_code, **access
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **access
-        )
+        if rank0_loads and lora is None and launched_rank() != 0:
+            model = empty_model(location, DTYPES[dtype], trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **access
+            )
     except OSError as error:
         raise ModelNotFoundError(_offline_message(location, error)) from error
     _ensure_pad_token(tokenizer, model)
@@ -178,6 +185,31 @@ def load_causal_lm(
     if lora is not None:
         model = _wrap_lora(model, lora)
     return LoadedModel(model=model, tokenizer=tokenizer)
+
+
+RANK_VARIABLES = ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def launched_rank() -> int:
+    """0 in the process that is (or will be) global rank 0, else a positive number: torchrun,
+    SLURM and Lightning's launcher say it in the environment before any process group exists."""
+    return max(int(os.environ.get(name) or 0) for name in RANK_VARIABLES)
+
+
+def empty_model(location: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model of `location` on the meta device (no memory), with its generation config."""
+    from transformers import AutoConfig, GenerationConfig
+
+    log.info("rank %d builds the model on the meta device (rank 0 loads it)", launched_rank())
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    # Without a generation_config.json: from_config's defaults, as from_pretrained has them.
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(location)
+    return model
 
 
 def enable_checkpointing(model: nn.Module) -> None:
