@@ -29,8 +29,11 @@ class PassAtK(Metric):
         self.add_state("num_samples", default=[], dist_reduce_fx="cat")
         self.add_state("num_correct", default=[], dist_reduce_fx="cat")
 
-    def update(self, correct: Tensor) -> None:
-        """`correct`: (problems, samples) booleans, one row per problem."""
+    def update(self, correct: Tensor, counted: Tensor | None = None) -> None:
+        """`correct`: (problems, samples) booleans, one row per problem; `counted`: (problems,)
+        booleans, False for a row that repeats a problem another rank counts (padding)."""
+        if counted is not None:
+            correct = correct[counted.to(correct.device)]
         self.num_samples.append(
             torch.full((correct.shape[0],), correct.shape[1], device=self.device)
         )
