@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-from osftkit.data.datamodule import counted_rows
 from osftkit.methods.base import flatten
 from osftkit.metrics import PassAtK
+from osftkit.metrics.pass_at_k import counted_rows
 from osftkit.train import build_components, build_trainer
 
 PROBLEMS = 6

@@ -316,6 +316,36 @@ def test_fsdp_sim_osft_runs_end_to_end_from_the_cli(tmp_path, rank0_loads):
     assert ("rank 1 builds the model on the meta device" in output) == rank0_loads
 
 
+def test_multinode_shards_over_nodes_times_processes(tmp_path):
+    """hardware=multinode is FSDP2 over num_nodes x devices ranks: two "nodes" of one CPU
+    process each, launched as a cluster launcher does (NODE_RANK, LOCAL_RANK, WORLD_SIZE, the
+    master's address), train OSFT through one FSDP2 mesh of 2; node 1 builds on meta."""
+    import socket
+    import subprocess
+
+    from tests.conftest import cli_command
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [*FAST, "method=osft", "hardware=multinode", "hardware.accelerator=cpu",
+            "hardware.devices=1", "hardware.num_threads=1", "debug=fast",
+            "+hardware.strategy.process_group_backend=gloo",
+            f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
+    nodes = []
+    for node in range(2):
+        command, env = cli_command(*args, tmp_path=tmp_path)
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node),
+                   LOCAL_RANK="0", WORLD_SIZE="2")  # fmt: skip
+        output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        nodes.append(subprocess.Popen(command, env=env, cwd=tmp_path, **output))
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "Starting with 2 processes" in outputs[0] and "val/pass@1" in outputs[0]
+    assert "MEMBER: 2/2" in outputs[1]  # node 1's process is global rank 1 of the one mesh
+    assert "rank 1 builds the model on the meta device" in outputs[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_fsdp_sim_runs_each_method(tmp_path, method):

@@ -1,6 +1,7 @@
 """The `hardware=` group: CPU threads, FSDP2 sharding under Lightning's ModelParallelStrategy,
 the one-gather-per-rollout context, and the fp32-master-weights rule."""
 
+import importlib
 import logging
 import os
 import shutil
@@ -11,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -73,6 +73,18 @@ def module_classes(names: list[str]) -> tuple[type, ...]:
     if not names:
         raise ValueError("hardware.strategy.layer_classes: give at least one layer class name")
     return tuple(get_class(name) for name in names)
+
+
+def get_class(dotted: str) -> type:
+    """`package.module.Class` -> the class (without Hydra: the GPU acceptance image lacks it)."""
+    module, _, name = dotted.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"hardware.strategy.layer_classes: cannot import '{dotted}'") from error
+    if not isinstance(found, type):
+        raise ValueError(f"hardware.strategy.layer_classes: '{dotted}' is not a class")
+    return found
 
 
 class FSDP2Strategy(ModelParallelStrategy):

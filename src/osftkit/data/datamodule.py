@@ -8,7 +8,6 @@ import torch
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from lightning import LightningDataModule
-from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
@@ -240,14 +239,6 @@ class FlaggedRows(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, bool]) -> dict:
         index, padding = key
         return {**self.rows[index], "is_padding": padding}
-
-
-def counted_rows(batch: dict) -> Tensor:
-    """(problems,) booleans: the rows a metric counts (not the padding that evens out ranks)."""
-    padding = batch.get("is_padding")
-    if padding is None:
-        return torch.ones(len(batch["problem"]), dtype=torch.bool)
-    return ~padding
 
 
 class EpochShuffleSampler(Sampler[int]):

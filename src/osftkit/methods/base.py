@@ -22,7 +22,6 @@ from osftkit.checkpointing import (
     run_seed,
     set_local_rng_states,
 )
-from osftkit.data.datamodule import counted_rows
 from osftkit.hardware import (
     FSDP2Strategy,
     average_gradients_outside_fsdp,
@@ -32,6 +31,7 @@ from osftkit.hardware import (
 from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_weights
 from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
 from osftkit.metrics import PassAtK
+from osftkit.metrics.pass_at_k import counted_rows
 from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
 from osftkit.run_logger import logger_step, verbatim_markdown

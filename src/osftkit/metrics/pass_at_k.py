@@ -16,6 +16,15 @@ def pass_at_k(num_samples: Tensor, num_correct: Tensor, k: int) -> Tensor:
     return 1.0 - factors.prod(dim=1)
 
 
+def counted_rows(batch: dict) -> Tensor:
+    """(problems,) booleans: the rows of an evaluation batch a metric counts, not the padding
+    that evens out the ranks' steps (`is_padding`, set by the data module's sampler)."""
+    padding = batch.get("is_padding")
+    if padding is None:
+        return torch.ones(len(batch["problem"]), dtype=torch.bool)
+    return ~padding
+
+
 class PassAtK(Metric):
     """Mean unbiased pass@k for each k in `ks`, updated with per-problem success matrices."""
 
