@@ -31,7 +31,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    ContinuousBatchingConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from osftkit.hardware import FSDP2Strategy, check_master_weights, consolidated_state_dict
 from osftkit.models.loading import enable_checkpointing
@@ -159,7 +164,7 @@ def train_step(model, sequences, attention, score, micro: int, optimizer) -> flo
         )
         loss = -(logp * score[rows]).sum() / total
         loss.backward()
-        loss_sum += float(loss)
+        loss_sum += loss.item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -211,8 +216,10 @@ def osft_step(tiny: bool, device: torch.device, scratch: Path) -> dict:
     vocab = model.config.vocab_size
     prompts = random_prompts(s["prompts"], s["prompt"], vocab, seed=1)
     model.eval()
-    paged = PagedEngine({"page_size": 64, "max_batch_tokens": 1024})
-    _, paged_tps = rollout(paged, model, prompts, device, s["response"])
+    paged_tps = None  # engine=paged needs transformers >= 5.18 (page_size); the image has 5.17
+    if hasattr(ContinuousBatchingConfig(), "page_size"):
+        paged = PagedEngine({"page_size": 64, "max_batch_tokens": 1024})
+        _, paged_tps = rollout(paged, model, prompts, device, s["response"])
     out, hf_tps = rollout(HFGenerateEngine(), model, prompts, device, s["response"])
     model.train()
     params = list(model.parameters())
@@ -243,7 +250,10 @@ def osft_step(tiny: bool, device: torch.device, scratch: Path) -> dict:
         "rows": s["prompts"],
         "tokens": s["prompt"] + s["response"],
         "micro_rows": s["micro"],
-        "rollout_tokens_per_s": {"hf": round(hf_tps, 1), "paged": round(paged_tps, 1)},
+        "rollout_tokens_per_s": {
+            "hf": round(hf_tps, 1),
+            "paged": paged_tps and round(paged_tps, 1),
+        },
         "step_s": round(step_s, 3),
         "peak_gib": measured and round(measured / GIB, 2),
         "planned_gib": planned and round(planned / GIB, 2),
