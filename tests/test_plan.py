@@ -105,6 +105,15 @@ def test_fsdp_root_unit_autocast_copies_host_and_disk_rows():
     assert ddp["host at load, per node (4 ranks)"] == small.params() * 4 * 4  # every rank
 
 
+def test_multinode_plans_all_nodes_gpus_as_fsdp_shards():
+    """hardware=multinode: 2 nodes x 8 GPUs = 16 shards; the 7B preset fits with room."""
+    cfg = compose_config(["experiment=osft_qwen_math_7b_dsr", "hardware=multinode"])
+    plan = estimate(cfg)
+    rows = rows_of(plan)
+    assert rows["parameters"] == KNOWN_SHAPES["Qwen/Qwen2.5-Math-7B"].params() * 4 / 16
+    assert "host at load, per node (8 ranks)" in rows and plan.fits
+
+
 def test_without_micro_batches_grpo_7b_does_not_fit():
     cfg = compose_config(["experiment=grpo_qwen_math_7b_dsr", "method.micro_batch_size=null"])
     assert not estimate(cfg, gpu_memory_gb=80, num_gpus=8).fits

@@ -170,7 +170,8 @@ def estimate(
 ) -> Plan:
     """Per-GPU memory of `cfg` (a composed train config) on `num_gpus` GPUs."""
     shape = model_shape(cfg, model_config)
-    gpus = num_gpus or int(cfg.hardware.get("devices", 1))
+    devices = int(cfg.hardware.get("devices", 1))
+    gpus = num_gpus or devices * int(cfg.hardware.get("num_nodes", 1))  # multinode: all nodes'
     if gpus < 1:
         raise ValueError("plan: hardware.devices is -1 (all GPUs): say how many with plan.num_gpus")
     method, data, validation = cfg.method, cfg.data, cfg.validation
