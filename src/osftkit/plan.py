@@ -245,16 +245,14 @@ def estimate(
         ),
     ]
     plan = Plan(table, train_peak, rollout_peak, gpu_memory_gb * GIB)
-    count_what_runs(
-        plan,
-        cfg,
-        shape,
-        Footprint(gpus, shards, compute_bytes, weights, optimizer, reference),
-        rollout_tokens={
-            "validation": (val_rows, data.max_prompt_length + validation.max_new_tokens),
-            "training": (train_gen_rows, data.max_prompt_length + response),
-        },
+    rollout_tokens = {
+        "validation": (val_rows, data.max_prompt_length + validation.max_new_tokens),
+        "training": (train_gen_rows, data.max_prompt_length + response),
+    }
+    footprint = Footprint(
+        gpus, shards, compute_bytes, weights, optimizer, reference, rollout_tokens
     )
+    count_what_runs(plan, cfg, shape, footprint)
     return plan
 
 
@@ -277,6 +275,7 @@ class Footprint:
     weights: float  # fp32 master shard
     optimizer: float
     reference: float
+    rollout_tokens: dict[str, tuple[int, int]]  # phase -> (rows per rank, tokens per row)
 
 
 def uses_vllm(cfg: DictConfig) -> bool:
@@ -295,13 +294,7 @@ def autocast(cfg: DictConfig, footprint: Footprint) -> bool:
     return footprint.shards == 1 and accelerator != "cpu" and footprint.compute_bytes < FP32
 
 
-def count_what_runs(
-    plan: Plan,
-    cfg: DictConfig,
-    shape: Shape,
-    footprint: Footprint,
-    rollout_tokens: dict[str, tuple[int, int]],
-) -> None:
+def count_what_runs(plan: Plan, cfg: DictConfig, shape: Shape, footprint: Footprint) -> None:
     """Add FSDP's root unit, autocast's weight copies, the vLLM engine, host memory at load and
     checkpoint sizes to `plan` (its peaks and rows)."""
     params, compute = shape.params(), footprint.compute_bytes
@@ -322,7 +315,7 @@ def count_what_runs(
         if not vllm:
             plan.rollout_peak += copies
     if vllm:
-        count_vllm(plan, cfg, shape, footprint, rollout_tokens)
+        count_vllm(plan, cfg, shape, footprint)
     set_row(plan, "training step peak", plan.train_peak)
     set_row(plan, "rollout peak", plan.rollout_peak)
     count_host_and_disk(plan, cfg, shape, footprint)
@@ -335,13 +328,7 @@ def set_row(plan: Plan, what: str, value: float) -> None:
             plan.rows[index] = (name, value, note)
 
 
-def count_vllm(
-    plan: Plan,
-    cfg: DictConfig,
-    shape: Shape,
-    footprint: Footprint,
-    rollout_tokens: dict[str, tuple[int, int]],
-) -> None:
+def count_vllm(plan: Plan, cfg: DictConfig, shape: Shape, footprint: Footprint) -> None:
     """engine=vllm: the rollout is vLLM's budget (gpu_memory_utilization x the GPU) beside the
     training state; its KV cache in tokens against what the rollout holds at once."""
     engine, compute = cfg.engine, footprint.compute_bytes
@@ -358,7 +345,8 @@ def count_vllm(
     kv_bytes = budget - weights - forward - allowance
     per_token = 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * compute
     capacity = max(kv_bytes, 0) / per_token
-    phase, (rows, length) = max(rollout_tokens.items(), key=lambda item: item[1][0] * item[1][1])
+    needs = footprint.rollout_tokens.items()
+    phase, (rows, length) = max(needs, key=lambda item: item[1][0] * item[1][1])
     concurrent = min(rows, seqs)
     need = concurrent * length
     level = int(engine.get("sleep_level", 1))
