@@ -133,6 +133,8 @@ def test_unreachable_hub_fails_at_once_from_the_cache_only(monkeypatch):
     assert loading.hub_access("Qwen/Qwen2.5-Math-1.5B") == {"local_files_only": True}
     with pytest.raises(ModelNotFoundError, match=r"pre-download.*model\.path=/some/dir"):
         load_causal_lm(path="Qwen/Qwen2.5-Math-1.5B")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # cannot be probed: the
+    assert loading.hub_access("Qwen/Qwen2.5-Math-1.5B") == {}  # hub client's own path decides
 
 
 def test_reachable_hub_and_local_dirs_load_as_before(monkeypatch, tiny_lm, tmp_path):

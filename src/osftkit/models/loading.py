@@ -62,8 +62,7 @@ def hub_access(location: str) -> dict[str, Any]:
     try:
         socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
     except OSError:
-        log.warning("%s does not answer: reading '%s' from the local cache only", endpoint.netloc,
-                    location)  # fmt: skip
+        log.warning("%s does not answer: '%s' from the local cache only", endpoint.netloc, location)
         return {"local_files_only": True}
     return {}
 
