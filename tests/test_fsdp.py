@@ -17,6 +17,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from osftkit.hardware import (
     FSDP2Strategy,
     average_gradients_outside_fsdp,
+    broadcast_from_rank0,
     check_master_weights,
     consolidated_state_dict,
     gathered_weights,
@@ -25,7 +26,7 @@ from osftkit.hardware import (
 )
 from osftkit.methods import SFTModule
 from osftkit.methods.losses import mean_tokens_over_ranks, token_weights
-from osftkit.models.loading import resolve_path
+from osftkit.models.loading import load_causal_lm, resolve_path
 from osftkit.models.logprobs import token_logprobs
 from osftkit.rollout import HFGenerateEngine
 from tests.conftest import FAST, cli, compose_config
@@ -206,6 +207,43 @@ def test_two_rank_fsdp2_training_equals_one_process_on_the_same_global_batch(tmp
     assert results[0]["greedy"] == results[1]["greedy"] == greedy_ids(model, tokenizer)
 
 
+def rank0_load_worker(rank: int, tmp_path: Path, directory: str) -> dict:
+    """hardware=fsdp's loading: rank 1 is launched as such (LOCAL_RANK=1, as Lightning's launcher
+    and torchrun set it) and builds on meta; rank 0's weights are broadcast into the shards."""
+    import os
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    loaded = load_causal_lm(path=directory, rank0_loads=True)
+    built_on_meta = next(loaded.model.parameters()).is_meta
+    full = loaded.model.state_dict() if rank == 0 else None
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("data_parallel",))
+    shard_model(loaded.model, (Qwen2DecoderLayer,), mesh["data_parallel"])
+    broadcast_from_rank0(loaded.model, full, torch.device("cpu"))
+    weights = consolidated_state_dict(loaded.model)  # gathers rank 1's shards onto rank 0
+    if rank == 0:
+        torch.save(weights, tmp_path / "rank0_loaded.pt")
+    buffers = {n: b.tolist() for n, b in loaded.model.named_buffers()}
+    return {"meta": built_on_meta, "buffers": buffers, "greedy": greedy_ids(loaded.model,
+            loaded.tokenizer), "eos": loaded.model.generation_config.eos_token_id}  # fmt: skip
+
+
+def test_rank0_loads_and_the_others_get_equal_shards(tmp_path):
+    """One host copy of the weights per run: rank 1 builds nothing, and the sharded model then
+    equals the one every rank loaded itself (weights, RoPE buffers, greedy outputs)."""
+    directory = tiny_dir(tmp_path)
+    results = spawn(rank0_load_worker, tmp_path, directory)
+    assert [r["meta"] for r in results] == [False, True]
+    reference = load_causal_lm(path=directory)
+    received = torch.load(tmp_path / "rank0_loaded.pt", weights_only=True)
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(received[name], value), name
+    buffers = {n: b.tolist() for n, b in reference.model.named_buffers()}
+    assert results[0]["buffers"] == results[1]["buffers"] == buffers
+    expected = greedy_ids(reference.model, reference.tokenizer)
+    assert results[0]["greedy"] == results[1]["greedy"] == expected
+    assert results[1]["eos"] == reference.model.generation_config.eos_token_id
+
+
 def averaging_worker(rank: int, tmp_path: Path, directory: str) -> dict:
     model, _ = sharded(directory)
     parrot = torch.nn.Parameter(torch.zeros(3))
@@ -266,12 +304,46 @@ def test_gathered_weights_passes_through_an_unsharded_model(tiny_lm):
         pass
 
 
-def test_fsdp_sim_osft_runs_end_to_end_from_the_cli(tmp_path):
+@pytest.mark.parametrize("rank0_loads", [False, True])
+def test_fsdp_sim_osft_runs_end_to_end_from_the_cli(tmp_path, rank0_loads):
+    """Also as hardware=fsdp loads (rank 0 only): the policy and its KL reference copy."""
     result = cli(*FAST, "method=osft", "hardware=fsdp_sim", "debug=fast", "task_name=fsdp",
-                 "method.kl_coef=0.1", tmp_path=tmp_path)  # fmt: skip
+                 "method.kl_coef=0.1", f"hardware.strategy.rank0_loads={rank0_loads}",
+                 tmp_path=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "distributed_backend=gloo" in output and "val/pass@1" in output
+    assert ("rank 1 builds the model on the meta device" in output) == rank0_loads
+
+
+def test_multinode_shards_over_nodes_times_processes(tmp_path):
+    """hardware=multinode is FSDP2 over num_nodes x devices ranks: two "nodes" of one CPU
+    process each, launched as a cluster launcher does (NODE_RANK, LOCAL_RANK, WORLD_SIZE, the
+    master's address), train OSFT through one FSDP2 mesh of 2; node 1 builds on meta."""
+    import socket
+    import subprocess
+
+    from tests.conftest import cli_command
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [*FAST, "method=osft", "hardware=multinode", "hardware.accelerator=cpu",
+            "hardware.devices=1", "hardware.num_threads=1", "debug=fast",
+            "+hardware.strategy.process_group_backend=gloo",
+            f"hydra.run.dir={tmp_path}/run"]  # fmt: skip
+    nodes = []
+    for node in range(2):
+        command, env = cli_command(*args, tmp_path=tmp_path)
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node),
+                   LOCAL_RANK="0", WORLD_SIZE="2")  # fmt: skip
+        output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        nodes.append(subprocess.Popen(command, env=env, cwd=tmp_path, **output))
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "Starting with 2 processes" in outputs[0] and "val/pass@1" in outputs[0]
+    assert "MEMBER: 2/2" in outputs[1]  # node 1's process is global rank 1 of the one mesh
+    assert "rank 1 builds the model on the meta device" in outputs[1]
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 import copy
 import json
+import socket
 
 import pytest
 import torch
@@ -95,3 +96,57 @@ def test_lora_knob_on_a_kit_model_config_wraps_and_trains(fast_cfg):
     moved = {n for n, p in loaded.model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert any("lora_B" in n for n in moved)  # B starts at zero: the adapters now act
+
+
+def test_checkpointing_recomputes_layers_with_equal_gradients(tiny_lm):
+    """enable_checkpointing (the 5.23+ API here; `gradient_checkpointing_enable` on the 5.17 of
+    the GPU acceptance rehearsal) turns it on and leaves the gradients unchanged."""
+    from osftkit.models.loading import enable_checkpointing
+
+    ids = torch.randint(0, tiny_lm.model.config.vocab_size, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(tiny_lm.model).train()
+        if checkpointing:
+            enable_checkpointing(model)
+        assert model.is_gradient_checkpointing == checkpointing
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_unreachable_hub_fails_at_once_from_the_cache_only(monkeypatch):
+    """Online mode but the hub does not answer: one quick probe, then the local cache only (the
+    hub client would retry five times with back-off first)."""
+    from huggingface_hub import constants
+
+    from osftkit.models import loading
+
+    with socket.socket() as closed:  # a port nothing listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    assert loading.hub_access("Qwen/Qwen2.5-Math-1.5B") == {"local_files_only": True}
+    with pytest.raises(ModelNotFoundError, match=r"pre-download.*model\.path=/some/dir"):
+        load_causal_lm(path="Qwen/Qwen2.5-Math-1.5B")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # cannot be probed: the
+    assert loading.hub_access("Qwen/Qwen2.5-Math-1.5B") == {}  # hub client's own path decides
+
+
+def test_reachable_hub_and_local_dirs_load_as_before(monkeypatch, tiny_lm, tmp_path):
+    from huggingface_hub import constants
+
+    from osftkit.models import loading
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert loading.hub_access("Qwen/Qwen2.5-Math-1.5B") == {}
+    tiny_lm.model.save_pretrained(tmp_path)
+    assert loading.hub_access(str(tmp_path)) == {}

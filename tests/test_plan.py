@@ -32,11 +32,86 @@ def test_known_7b_shape_is_the_published_size():
     assert KNOWN_SHAPES["Qwen/Qwen2.5-Math-7B"].params() / 1e9 == pytest.approx(7.62, abs=0.01)
 
 
-@pytest.mark.parametrize("experiment", ["osft_qwen_math_7b_dsr", "grpo_qwen_math_7b_dsr"])
+SEVEN_B = ["osft_qwen_math_7b_dsr", "grpo_qwen_math_7b_dsr", "sept_qwen_math_7b_dsr"]
+
+
+@pytest.mark.parametrize("experiment", SEVEN_B)
 def test_7b_presets_fit_on_8_gpus_of_80_gb(experiment):
+    """With vLLM counted: its budget beside the training shard, and a KV cache that holds the
+    rows it runs at once (no preemption warning)."""
     plan = estimate(compose_config([f"experiment={experiment}"]), gpu_memory_gb=80, num_gpus=8)
     assert plan.fits, plan.rows
     assert plan.train_peak < 80 * GIB and plan.rollout_peak < 80 * GIB
+    assert plan.warnings == []
+    rows = {what: value for what, value, _ in plan.rows}
+    assert rows["vLLM budget"] == 0.45 * 80 * GIB
+    assert rows["  its KV cache"] >= rows["rollout KV need"]
+    assert rows["vLLM asleep (GPU)"] == 0  # sleep level 2
+    assert "rollout KV cache" not in rows  # the HF-generate rollout does not run
+
+
+def rows_of(plan) -> dict[str, float]:
+    return {what: value for what, value, _ in plan.rows + plan.host_rows}
+
+
+def test_a_rollout_the_vllm_cache_cannot_hold_names_the_knob():
+    """The preset at the issue's old settings (0.3 of the GPU, vLLM's default 1,024 sequences):
+    ~84k tokens of KV for a 262k-token validation rollout."""
+    cfg = compose_config(
+        ["experiment=osft_qwen_math_7b_dsr", "engine.gpu_memory_utilization=0.3",
+         "engine.max_num_seqs=null", "engine.max_num_batched_tokens=null"]
+    )  # fmt: skip
+    plan = estimate(cfg, gpu_memory_gb=80, num_gpus=8)
+    (warning,) = plan.warnings
+    assert "validation rollout holds up to 262k tokens" in warning
+    assert "engine.max_num_seqs=20" in warning and "engine.gpu_memory_utilization" in warning
+    capacity = rows_of(plan)["  its KV cache"] / (2 * 28 * 4 * 128 * 2)  # bf16 K and V
+    assert 20 * 4096 <= capacity < 21 * 4096
+    starved = compose_config(
+        ["experiment=osft_qwen_math_7b_dsr", "engine.gpu_memory_utilization=0.15"]
+    )
+    (warning,) = estimate(starved, gpu_memory_gb=80, num_gpus=8).warnings
+    assert "leaves no KV cache" in warning and "raise engine.gpu_memory_utilization" in warning
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_vllm_sleep_level_decides_what_stays_on_the_gpu_and_the_host(level):
+    cfg = compose_config(["experiment=osft_qwen_math_7b_dsr", f"engine.sleep_level={level}"])
+    plan = estimate(cfg, gpu_memory_gb=80, num_gpus=8)
+    rows = rows_of(plan)
+    budget = 0.45 * 80 * GIB
+    assert rows["vLLM asleep (GPU)"] == (budget if level == 0 else 0)
+    stepping = estimate(compose_config(["experiment=osft_qwen_math_7b_dsr"]), 80, 8).train_peak
+    assert plan.train_peak == stepping + (budget if level == 0 else 0)
+    pinned = rows.get("vLLM sleep level 1, per node", 0)
+    params = KNOWN_SHAPES["Qwen/Qwen2.5-Math-7B"].params()
+    assert pinned == (params * 2 * 8 if level == 1 else 0)  # bf16 weights of 8 ranks
+
+
+def test_fsdp_root_unit_autocast_copies_host_and_disk_rows():
+    shape = KNOWN_SHAPES["Qwen/Qwen2.5-Math-7B"]
+    root = shape.vocab_size * shape.hidden_size * 2 + shape.hidden_size
+    fsdp = rows_of(estimate(compose_config(["experiment=osft_qwen_math_7b_dsr"]), 80, 8))
+    assert fsdp["FSDP root unit"] == root * 2 * 2  # bf16 weights + grads, unsharded
+    assert "autocast weight copies" not in fsdp
+    assert fsdp["host at load, per node (8 ranks)"] == shape.params() * 4  # rank 0 loads
+    assert fsdp["checkpoint on disk, full"] == shape.params() * 12
+    assert fsdp["checkpoint on disk, weights only"] == shape.params() * 4
+    gpu = rows_of(estimate(compose_config(["model=qwen", "hardware=gpu"]), 141))
+    small = KNOWN_SHAPES["Qwen/Qwen2.5-Math-1.5B"]
+    assert gpu["autocast weight copies"] == small.params() * 2
+    assert "FSDP root unit" not in gpu
+    ddp = rows_of(estimate(compose_config(["model=qwen", "hardware=ddp"]), 80, 4))
+    assert ddp["host at load, per node (4 ranks)"] == small.params() * 4 * 4  # every rank
+
+
+def test_multinode_plans_all_nodes_gpus_as_fsdp_shards():
+    """hardware=multinode: 2 nodes x 8 GPUs = 16 shards; the 7B preset fits with room."""
+    cfg = compose_config(["experiment=osft_qwen_math_7b_dsr", "hardware=multinode"])
+    plan = estimate(cfg)
+    rows = rows_of(plan)
+    assert rows["parameters"] == KNOWN_SHAPES["Qwen/Qwen2.5-Math-7B"].params() * 4 / 16
+    assert "host at load, per node (8 ranks)" in rows and plan.fits
 
 
 def test_without_micro_batches_grpo_7b_does_not_fit():

@@ -1,6 +1,7 @@
 """The `hardware=` group: CPU threads, FSDP2 sharding under Lightning's ModelParallelStrategy,
 the one-gather-per-rollout context, and the fp32-master-weights rule."""
 
+import importlib
 import logging
 import os
 import shutil
@@ -11,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from hydra.utils import get_class
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -75,6 +75,18 @@ def module_classes(names: list[str]) -> tuple[type, ...]:
     return tuple(get_class(name) for name in names)
 
 
+def get_class(dotted: str) -> type:
+    """`package.module.Class` -> the class (without Hydra: the GPU acceptance image lacks it)."""
+    module, _, name = dotted.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"hardware.strategy.layer_classes: cannot import '{dotted}'") from error
+    if not isinstance(found, type):
+        raise ValueError(f"hardware.strategy.layer_classes: '{dotted}' is not a class")
+    return found
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy as pure data parallelism over FSDP2: one mesh dimension
     of all ranks, `fully_shard` of every layer of `layer_classes` and then of the root, with bf16
@@ -86,6 +98,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         layer_classes: list[str],
         param_dtype: str = "float32",
         reduce_dtype: str = "float32",
+        rank0_loads: bool = False,
         **strategy: Any,
     ) -> None:
         for knob, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
@@ -96,6 +109,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Weights stay fp32 (the master copy); fp32 compute needs no cast at all.
         cast = None if param_dtype == "float32" else DTYPES[param_dtype]
         self.mp_policy = MixedPrecisionPolicy(param_dtype=cast, reduce_dtype=DTYPES[reduce_dtype])
+        # The model config reads the same key: the other ranks build it on the meta device.
+        self.rank0_loads = rank0_loads
 
     def setup_environment(self) -> None:
         # Every rank is a data-parallel rank (Lightning's "auto" would make them tensor-parallel).
@@ -104,7 +119,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> None:
+        """FSDP2 units; with `rank0_loads`, rank 0's weights are then broadcast to the shards."""
+        if isinstance(model, FSDPModule):
+            return  # configure_model runs again for each trainer.validate / fit
+        full = model.state_dict() if self.rank0_loads and self.global_rank == 0 else None
         shard_model(model, self.layer_classes, self.device_mesh["data_parallel"], self.mp_policy)
+        if self.rank0_loads:
+            broadcast_from_rank0(model, full, self.root_device)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
@@ -146,6 +167,26 @@ def shard_model(
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     if hasattr(model, "get_input_embeddings"):
         model.get_input_embeddings().register_forward_pre_hook(refuse_sharded_lookup)
+
+
+def broadcast_from_rank0(
+    model: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device
+) -> None:
+    """Fill a sharded model from rank 0's full state dict (`full`, taken before sharding; None
+    on the other ranks, whose model was built on the meta device): each rank keeps only its
+    shard, so one host copy of the weights per run instead of one per rank (torchtune's way)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if dist.get_rank() == 0 and (full is None or meta):
+        raise ValueError("rank0_loads: rank 0 must load the weights (model.rank0_loads)")
+    if meta:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full or {}, options=options)
+    # Buffers outside the state dict (RoPE's inv_freq is not persistent) come from rank 0 too.
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def refuse_sharded_lookup(embedding: nn.Module, args: tuple) -> None:

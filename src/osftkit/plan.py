@@ -23,7 +23,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,8 @@ class Plan:
     train_peak: float
     rollout_peak: float
     gpu_bytes: float
+    host_rows: list[tuple[str, float, str]] = field(default_factory=list)  # host RAM, disk
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def peak(self) -> float:
@@ -168,7 +170,8 @@ def estimate(
 ) -> Plan:
     """Per-GPU memory of `cfg` (a composed train config) on `num_gpus` GPUs."""
     shape = model_shape(cfg, model_config)
-    gpus = num_gpus or int(cfg.hardware.get("devices", 1))
+    devices = int(cfg.hardware.get("devices", 1))
+    gpus = num_gpus or devices * int(cfg.hardware.get("num_nodes", 1))  # multinode: all nodes'
     if gpus < 1:
         raise ValueError("plan: hardware.devices is -1 (all GPUs): say how many with plan.num_gpus")
     method, data, validation = cfg.method, cfg.data, cfg.validation
@@ -241,7 +244,179 @@ def estimate(
             "weights" + (" gathered" if shards > 1 else "") + " + optimizer + KV",
         ),
     ]
-    return Plan(table, train_peak, rollout_peak, gpu_memory_gb * GIB)
+    plan = Plan(table, train_peak, rollout_peak, gpu_memory_gb * GIB)
+    rollout_tokens = {
+        "validation": (val_rows, data.max_prompt_length + validation.max_new_tokens),
+        "training": (train_gen_rows, data.max_prompt_length + response),
+    }
+    footprint = Footprint(
+        gpus, shards, compute_bytes, weights, optimizer, reference, rollout_tokens
+    )
+    count_what_runs(plan, cfg, shape, footprint)
+    return plan
+
+
+# ---- what runs beside the step: the engine, FSDP's root unit, autocast, host, disk ----------
+ADAMW_STATES = 2
+# vLLM's defaults (engine/arg_utils.py of 0.33.0, the LLM class): GPUs of >= 70 GiB (H100,
+# H200) / smaller ones.
+VLLM_DEFAULTS = {True: (16384, 1024), False: (8192, 256)}  # max_num_batched_tokens, max_num_seqs
+# What vLLM measures at start and the planner cannot: CUDA graphs, NCCL and allocator overhead.
+VLLM_ALLOWANCE_GIB = 2.0
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Per-GPU bytes of the training side that `estimate` counted, and how it is sharded."""
+
+    gpus: int
+    shards: int
+    compute_bytes: int
+    weights: float  # fp32 master shard
+    optimizer: float
+    reference: float
+    rollout_tokens: dict[str, tuple[int, int]]  # phase -> (rows per rank, tokens per row)
+
+
+def uses_vllm(cfg: DictConfig) -> bool:
+    engine = cfg.get("engine") or {}
+    return str(engine.get("_target_", "")).endswith("VLLMEngine")
+
+
+def rank0_loads(cfg: DictConfig) -> bool:
+    strategy = cfg.hardware.get("strategy")
+    return isinstance(strategy, DictConfig) and bool(strategy.get("rank0_loads"))
+
+
+def autocast(cfg: DictConfig, footprint: Footprint) -> bool:
+    """hardware=gpu|ddp with a low-precision model.dtype: bf16 autocast over fp32 weights."""
+    accelerator = cfg.hardware.get("accelerator")
+    return footprint.shards == 1 and accelerator != "cpu" and footprint.compute_bytes < FP32
+
+
+def count_what_runs(plan: Plan, cfg: DictConfig, shape: Shape, footprint: Footprint) -> None:
+    """Add FSDP's root unit, autocast's weight copies, the vLLM engine, host memory at load and
+    checkpoint sizes to `plan` (its peaks and rows)."""
+    params, compute = shape.params(), footprint.compute_bytes
+    if footprint.shards > 1:
+        root = shape.params() - shape.num_hidden_layers * shape.layer_params()
+        # The root is not resharded after forward: its weights and gradient stay unsharded in
+        # the compute dtype through forward and backward.
+        root_bytes = root * 2 * compute
+        how = f"{root / 1e9:.2f} B (embeddings, head, norm): weights + grads unsharded"
+        plan.rows.insert(2, ("FSDP root unit", root_bytes, how))
+        plan.train_peak += root_bytes
+    vllm = uses_vllm(cfg)
+    if autocast(cfg, footprint):
+        copies = params * compute  # autocast caches each weight's cast for the whole forward
+        how = "every weight cast to the compute dtype, cached for the forward"
+        plan.rows.insert(2, ("autocast weight copies", copies, how))
+        plan.train_peak += copies
+        if not vllm:
+            plan.rollout_peak += copies
+    if vllm:
+        count_vllm(plan, cfg, shape, footprint)
+    set_row(plan, "training step peak", plan.train_peak)
+    set_row(plan, "rollout peak", plan.rollout_peak)
+    count_host_and_disk(plan, cfg, shape, footprint)
+
+
+def set_row(plan: Plan, what: str, value: float) -> None:
+    """Update the value of the row named `what`."""
+    for index, (name, _, note) in enumerate(plan.rows):
+        if name == what:
+            plan.rows[index] = (name, value, note)
+
+
+def count_vllm(plan: Plan, cfg: DictConfig, shape: Shape, footprint: Footprint) -> None:
+    """engine=vllm: the rollout is vLLM's budget (gpu_memory_utilization x the GPU) beside the
+    training state; its KV cache in tokens against what the rollout holds at once."""
+    engine, compute = cfg.engine, footprint.compute_bytes
+    budget = float(engine.get("gpu_memory_utilization", 0.92)) * plan.gpu_bytes
+    default_tokens, default_seqs = VLLM_DEFAULTS[plan.gpu_bytes >= 70 * GIB]
+    batched = int(engine.get("max_num_batched_tokens") or default_tokens)
+    seqs = int(engine.get("max_num_seqs") or default_seqs)
+    weights = shape.params() * compute
+    d, ff = shape.hidden_size, shape.intermediate_size
+    # vLLM's profile run: one layer's working set at max_num_batched_tokens (q, k, v, attention
+    # output, residual; gate/up and their product) and the sampler's fp32 logits and probs.
+    forward = batched * (4 * d + 3 * ff) * compute + seqs * shape.vocab_size * 2 * FP32
+    allowance = VLLM_ALLOWANCE_GIB * GIB
+    kv_bytes = budget - weights - forward - allowance
+    per_token = 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * compute
+    capacity = max(kv_bytes, 0) / per_token
+    needs = footprint.rollout_tokens.items()
+    phase, (rows, length) = max(needs, key=lambda item: item[1][0] * item[1][1])
+    concurrent = min(rows, seqs)
+    need = concurrent * length
+    level = int(engine.get("sleep_level", 1))
+    # The weight sync gathers one full fp32 tensor at a time and casts it to vLLM's dtype.
+    largest = shape.vocab_size * shape.hidden_size * (FP32 + compute)
+    resident = footprint.weights + footprint.optimizer + footprint.reference
+    # vLLM replaces the HF-generate rollout the table counted: no gathered policy, no HF KV.
+    plan.rows = [row for row in plan.rows if row[0] not in ("rollout KV cache", "rollout peak")]
+    plan.rows += [
+        ("vLLM budget", budget, f"gpu_memory_utilization x {plan.gpu_bytes / GIB:.0f} GiB"),
+        ("  its weights", weights, f"{shape.params() / 1e9:.2f} B in the compute dtype"),
+        ("  its forward peak", forward, f"{batched} batched tokens, {seqs} sequences"),
+        ("  CUDA graphs etc. (allowance)", allowance, "vLLM measures it at start"),
+        (
+            "  its KV cache",
+            max(kv_bytes, 0),
+            f"{capacity / 1e3:.0f}k tokens ({per_token / 1024:.0f} KiB each)",
+        ),  # fmt: skip
+        (
+            "rollout KV need",
+            need * per_token,
+            f"{phase}: {concurrent} rows at once x {length} "
+            "tokens (worst case: every row to its limit)",
+        ),  # fmt: skip
+        ("weight sync", largest, "largest tensor gathered in fp32 + its cast"),
+        ("vLLM asleep (GPU)", budget if level == 0 else 0.0, f"sleep_level {level}"),
+        ("rollout peak", 0.0, "training shard + optimizer + vLLM budget + weight sync"),
+    ]
+    plan.rollout_peak = resident + budget + largest
+    if level == 0:  # vLLM stays resident through the training step
+        plan.train_peak += budget
+    if kv_bytes <= 0:
+        plan.warnings.append(
+            f"engine=vllm: gpu_memory_utilization leaves no KV cache ({budget / GIB:.1f} GiB "
+            f"for {weights / GIB:.1f} GiB of weights and {forward / GIB:.1f} GiB of forward "
+            "peak): raise engine.gpu_memory_utilization or lower engine.max_num_batched_tokens"
+        )
+    elif need > capacity:
+        fit = int(capacity // length)
+        plan.warnings.append(
+            f"engine=vllm: the {phase} rollout holds up to {need / 1e3:.0f}k tokens of KV "
+            f"({concurrent} rows x {length}) but vLLM's cache holds {capacity / 1e3:.0f}k: it "
+            f"will preempt and recompute rows. Set engine.max_num_seqs={fit} (rows run in "
+            "waves) or raise engine.gpu_memory_utilization"
+        )
+
+
+def count_host_and_disk(plan: Plan, cfg: DictConfig, shape: Shape, footprint: Footprint) -> None:
+    """Host memory at load (fp32 weights built on CPU before sharding, on every rank or on
+    rank 0 only), vLLM's pinned backup at sleep level 1, and checkpoint sizes on disk."""
+    params = shape.params()
+    devices = int(cfg.hardware.get("devices", 1))  # per node; -1: all of one node's GPUs
+    per_node = min(footprint.gpus, devices) if devices > 0 else footprint.gpus
+    full = params * FP32
+    node_load = full if rank0_loads(cfg) else full * per_node
+    loads = "rank 0 only (hardware.strategy.rank0_loads)" if rank0_loads(cfg) else "every rank"
+    plan.host_rows += [
+        ("host at load, per loading rank", full, f"{params / 1e9:.2f} B x 4 B (fp32) on CPU"),
+        (f"host at load, per node ({per_node} ranks)", node_load, f"loaded on {loads}"),
+    ]
+    if uses_vllm(cfg) and int(cfg.engine.get("sleep_level", 1)) == 1:
+        backup = params * footprint.compute_bytes * per_node
+        plan.host_rows.append(
+            ("vLLM sleep level 1, per node", backup, "weights backed up in pinned host memory")
+        )
+    state = params * FP32 * (1 + ADAMW_STATES)
+    plan.host_rows += [
+        ("checkpoint on disk, full", state, "fp32 weights + AdamW's 2 states (resume)"),
+        ("checkpoint on disk, weights only", full, "fp32 weights (best; export: half in bf16)"),
+    ]
 
 
 def print_plan(plan: Plan, title: str, measured: float | None = None) -> None:
@@ -258,7 +433,13 @@ def print_plan(plan: Plan, title: str, measured: float | None = None) -> None:
             f"{measured / GIB:.3f}",
             f"estimate / measured = {plan.train_peak / measured:.2f}",
         )
+    if plan.host_rows:
+        table.add_section()
+        for what, value, how in plan.host_rows:
+            table.add_row(what, f"{value / GIB:.2f}", how)
     Console(width=120).print(table)
+    for warning in plan.warnings:
+        print("WARNING:", warning)
 
 
 def rss_bytes(field: str) -> int:
@@ -359,6 +540,7 @@ def main(argv: list[str] | None = None) -> Plan:
                 "estimate_train_peak_bytes": plan.train_peak,
                 "measured_train_peak_bytes": measured,
                 "fits": plan.fits,
+                "warnings": plan.warnings,
             }
         )
     )

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from osftkit.checkpointing import run_seed
@@ -155,6 +155,8 @@ class PromptDataModule(LightningDataModule):
         }
         if "response_ids" in rows[0]:
             batch.update(sft_tensors(prompts, [row["response_ids"] for row in rows], pad))
+        if "is_padding" in rows[0]:
+            batch["is_padding"] = torch.tensor([row["is_padding"] for row in rows])
         return batch
 
     def train_collate(self, rows: list[dict]) -> dict:
@@ -169,9 +171,13 @@ class PromptDataModule(LightningDataModule):
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         # A generator of its own: starting an iterator draws its base seed from it, not from
         # the global stream that training samples from.
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        rows = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            FlaggedRows(rows),
             batch_size=batch_size,
+            sampler=EvalShardSampler(rows, world, rank),
             collate_fn=self.collate,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(run_seed()),
@@ -204,6 +210,35 @@ class PromptDataModule(LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         size = self.per_rank(self.val_batch_size)
         return [self._loader(f"val/{name}", size) for name in self.val_names]
+
+
+class EvalShardSampler(DistributedSampler):
+    """This rank's share of an evaluation set, in order, as DistributedSampler deals it (and
+    Lightning keeps it, being one): padded with repeated rows so that every rank runs the same
+    number of steps (FSDP's collectives pair up), but each index comes with `is_padding`, so a
+    repeated problem is generated and then left out of the metrics."""
+
+    def __init__(self, rows: Any, world: int, rank: int) -> None:
+        super().__init__(rows, num_replicas=world, rank=rank, shuffle=False)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        size = len(self.dataset)
+        for position in range(self.rank, self.total_size, self.num_replicas):
+            yield position % size, position >= size
+
+
+class FlaggedRows(torch.utils.data.Dataset):
+    """Rows fetched by `(index, is_padding)`, the flag carried into the row."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict:
+        index, padding = key
+        return {**self.rows[index], "is_padding": padding}
 
 
 class EpochShuffleSampler(Sampler[int]):

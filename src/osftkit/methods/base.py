@@ -31,6 +31,7 @@ from osftkit.hardware import (
 from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_weights
 from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
 from osftkit.metrics import PassAtK
+from osftkit.metrics.pass_at_k import counted_rows
 from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
 from osftkit.run_logger import logger_step, verbatim_markdown
@@ -362,14 +363,19 @@ class CausalLMModule(LightningModule):
         s = self.validation_settings
         metrics = self.val_metrics[self.trainer.datamodule.val_names[dataloader_idx]]
         samples = self.generate(batch, s.n_samples, s.tau_eval, s.top_p, s.max_new_tokens)
-        metrics["pass"].update(self.score(samples, batch["answer"]))
-        metrics["response_length"].update(samples.lengths.float())
+        # Rows that only even out the ranks' step counts are generated but not counted.
+        counted = counted_rows(batch).to(samples.sequences.device)
+        per_sample = counted.repeat_interleave(samples.group_size)
+        metrics["pass"].update(self.score(samples, batch["answer"]), counted)
+        metrics["response_length"].update(samples.lengths.float(), per_sample.float())
         scored = TokenBatch(samples.sequences, samples.attention_mask, samples.loss_mask)
         _, entropy = self.score_tokens(scored)
-        metrics["entropy"].update(masked_mean(entropy, samples.loss_mask))
+        counted_tokens = samples.loss_mask * per_sample[:, None]  # a token mean over the set
+        metrics["entropy"].update(masked_mean(entropy, counted_tokens), counted_tokens.sum())
         if s.greedy:
             greedy = self.generate(batch, 1, 0.0, 1.0, s.max_new_tokens)
-            metrics["greedy_acc"].update(self.score(greedy, batch["answer"]).float().squeeze(1))
+            correct = self.score(greedy, batch["answer"]).float().squeeze(1)
+            metrics["greedy_acc"].update(correct, counted.float())
         if batch_idx == 0 and dataloader_idx == 0:
             self.log_samples(batch, samples)
 

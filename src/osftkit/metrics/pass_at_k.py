@@ -16,6 +16,15 @@ def pass_at_k(num_samples: Tensor, num_correct: Tensor, k: int) -> Tensor:
     return 1.0 - factors.prod(dim=1)
 
 
+def counted_rows(batch: dict) -> Tensor:
+    """(problems,) booleans: the rows of an evaluation batch a metric counts, not the padding
+    that evens out the ranks' steps (`is_padding`, set by the data module's sampler)."""
+    padding = batch.get("is_padding")
+    if padding is None:
+        return torch.ones(len(batch["problem"]), dtype=torch.bool)
+    return ~padding
+
+
 class PassAtK(Metric):
     """Mean unbiased pass@k for each k in `ks`, updated with per-problem success matrices."""
 
@@ -29,8 +38,11 @@ class PassAtK(Metric):
         self.add_state("num_samples", default=[], dist_reduce_fx="cat")
         self.add_state("num_correct", default=[], dist_reduce_fx="cat")
 
-    def update(self, correct: Tensor) -> None:
-        """`correct`: (problems, samples) booleans, one row per problem."""
+    def update(self, correct: Tensor, counted: Tensor | None = None) -> None:
+        """`correct`: (problems, samples) booleans, one row per problem; `counted`: (problems,)
+        booleans, False for a row that repeats a problem another rank counts (padding)."""
+        if counted is not None:
+            correct = correct[counted.to(correct.device)]
         self.num_samples.append(
             torch.full((correct.shape[0],), correct.shape[1], device=self.device)
         )

@@ -1,14 +1,17 @@
 """Load a causal LM and its tokenizer: hub id, local directory, or a model the kit builds."""
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from filelock import FileLock
@@ -44,6 +47,31 @@ def _offline_message(path: str, error: Exception) -> str:
         f"access (`huggingface-cli download {path} --local-dir /some/dir`) and run with "
         f"model.path=/some/dir, or use the offline default model=tiny."
     )
+
+
+def hub_access(location: str) -> dict[str, Any]:
+    """`from_pretrained` kwargs for `location`: a hub id whose hub does not answer one quick
+    connection is read from the local cache only, so an offline machine fails at once (the hub
+    client would retry five times with back-off, about a minute) or loads what is cached."""
+    from huggingface_hub import constants
+
+    if Path(location).expanduser().exists() or constants.HF_HUB_OFFLINE or _proxied():
+        return {}  # a local dir; the hub client's own offline mode; a proxy we cannot probe
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_S).close()
+    except OSError:
+        log.warning("%s does not answer: '%s' from the local cache only", endpoint.netloc, location)
+        return {"local_files_only": True}
+    return {}
+
+
+HUB_PROBE_S = 5.0  # seconds one connection to the hub may take before it counts as offline
+
+
+def _proxied() -> bool:
+    return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
 
 
 def build_once(directory: Path, build: Callable[[Path], None], what: str) -> Path:
@@ -124,31 +152,74 @@ def load_causal_lm(
     tiny: dict | None = None,
     build_with: list[str] | None = None,
     gradient_checkpointing: bool = False,
+    rank0_loads: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer with `from_pretrained`; optionally wrap the model with LoRA.
 
     `gradient_checkpointing` recomputes each decoder layer in backward instead of keeping its
     activations (transformers' own, non-reentrant, so it works with LoRA and every strategy).
+    `rank0_loads` (hardware=fsdp's strategy key): a process launched as another rank builds the
+    model on the meta device; the strategy broadcasts rank 0's weights into the shards.
     """
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
     location = resolve_path(path, cache_dir, tiny, build_with)
     check_model_dir(location)
+    access = hub_access(location)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, **access
         )
+        if rank0_loads and lora is None and launched_rank() != 0:
+            model = empty_model(location, DTYPES[dtype], trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **access
+            )
     except OSError as error:
         raise ModelNotFoundError(_offline_message(location, error)) from error
     _ensure_pad_token(tokenizer, model)
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        enable_checkpointing(model)
     if lora is not None:
         model = _wrap_lora(model, lora)
     return LoadedModel(model=model, tokenizer=tokenizer)
+
+
+RANK_VARIABLES = ("RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def launched_rank() -> int:
+    """0 in the process that is (or will be) global rank 0, else a positive number: torchrun,
+    SLURM and Lightning's launcher say it in the environment before any process group exists."""
+    return max(int(os.environ.get(name) or 0) for name in RANK_VARIABLES)
+
+
+def empty_model(location: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model of `location` on the meta device (no memory), with its generation config."""
+    from transformers import AutoConfig, GenerationConfig
+
+    log.info("rank %d builds the model on the meta device (rank 0 loads it)", launched_rank())
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    # Without a generation_config.json: from_config's defaults, as from_pretrained has them.
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(location)
+    return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of each decoder layer: transformers >= 5.23 names
+    it `activation_checkpointing_enable`, the releases before (vllm 0.33.0 needs < 5.21)
+    `gradient_checkpointing_enable`, with the same kwargs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> None:
