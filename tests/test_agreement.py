@@ -83,7 +83,8 @@ def test_the_engines_report_the_trainers_logprobs_at_the_sampling_temperature(ti
     print(f"{type(engine).__name__}: logprob_diff {figures['rollout/logprob_diff'].item():.3g}")
     assert figures["rollout/logprob_diff"] < 1e-4
     # at temperature 1 the trainer's log-probs are another distribution: the guard sees it
-    wrong = agreement(rollouts.logprobs, trainer_logprobs(tiny_lm.model, rollouts, 1.0), rollouts.response_mask)
+    at_one = trainer_logprobs(tiny_lm.model, rollouts, 1.0)
+    wrong = agreement(rollouts.logprobs, at_one, rollouts.response_mask)
     assert wrong["rollout/logprob_diff"] > 1e-2
 
 

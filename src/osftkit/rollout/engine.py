@@ -54,9 +54,7 @@ class Rollouts:
 
     def rows(self, index: slice | Tensor) -> "Rollouts":
         tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "group_size"}
-        return replace(
-            self, **{name: t[index] for name, t in tensors.items() if t is not None}
-        )
+        return replace(self, **{name: t[index] for name, t in tensors.items() if t is not None})
 
 
 def stop_ids(eos_token_id: int | list[int]) -> list[int]:

@@ -108,9 +108,7 @@ class PagedEngine:
                 f"(failed: {failed[:3]}); use engine=hf"
             )
         # generate_batch orders the results prompt-major, a prompt's samples together.
-        responses = [
-            out for out in outputs.values() for _ in range(num_samples if greedy else 1)
-        ]
+        responses = [out for out in outputs.values() for _ in range(num_samples if greedy else 1)]
         rollouts = rollouts_from_token_lists(
             [list(out.generated_tokens) for out in responses],
             prompt_ids,

@@ -134,7 +134,7 @@ class VLLMEngine:
         self.vllm = load_vllm()
         self.cpu = on_cpu()
         if self.cpu and sleep_level:
-            log.info("vLLM's CPU build has no sleep mode: the engine stays resident (sleep_level 0)")
+            log.info("vLLM's CPU build has no sleep mode: the engine stays resident")
             sleep_level = 0
         self.sleep_level = sleep_level
         self.llm_kwargs = llm_kwargs
@@ -186,6 +186,8 @@ class VLLMEngine:
         sent: dict[str, Tensor] = {}
         stream = checked(stream_weights(model, self.dtype), sent)
         self.llm.collective_rpc(LOAD_METHOD, args=(stream,))
+        for _ in stream:  # whatever the engine left: every rank's gathers stay in step
+            pass
         engine_sums = self.llm.collective_rpc(CHECKSUM_METHOD, args=(sorted(sent),))[0]
         self.sync_mismatch = mismatched(sent, engine_sums)
         if self.sync_mismatch:
