@@ -27,4 +27,6 @@ fi
 [ "${VLLM_CPU_INSTALL_ONLY:-0}" = 1 ] && exit 0
 # One short OSFT run with the kit's own vLLM engine on the kit-built tiny model, whose head_dim (32) the CPU
 # attention kernels accept (they refuse 16).
-"$venv/bin/python" train.py engine=vllm method=osft model=tiny debug=fast "$@"
+# enforce_eager: no torch.compile warm-up (66 s here); a 1 GiB KV cache unless told otherwise.
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+"$venv/bin/python" train.py engine=vllm method=osft model=tiny debug=fast +engine.enforce_eager=true "$@"

@@ -21,6 +21,25 @@ class WeightSyncExtension:
         and re-applies the backend's weight processing (the CPU build repacks linear weights,
         so a bare `model.load_weights` on the processed model fails there)."""
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        self.osftkit_reprocess_tied_head()
+
+    def osftkit_reprocess_tied_head(self) -> None:
+        """A head tied to the embeddings loads nothing of its own, so the reload skips its
+        processing (vLLM's reload module: "tied parameters only reflect processing from one of
+        the parent layers"). The CPU build packs the head's weight for its GEMM there: without
+        this the head kept computing with the first weights (caught by the agreement guard).
+        On GPU the unquantized head's processing does nothing."""
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        if head is None or not hasattr(head, "quant_method"):
+            return
+        tied = any(
+            param is head.weight
+            for name, param in model.named_parameters(remove_duplicate=False)
+            if not name.startswith("lm_head.")
+        )
+        if tied:
+            head.quant_method.process_weights_after_loading(head)
 
     def osftkit_checksums(self, names: list[str]) -> dict[str, Tensor]:
         """Float64 sum and sum of squares of the named parameters the engine holds now."""
