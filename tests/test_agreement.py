@@ -100,3 +100,19 @@ def test_greedy_and_unasked_rollouts_carry_no_logprobs(tiny_lm):
     unasked = HFGenerateEngine().generate(tiny_lm.model, prompt, mask, temperature=0.7, **settings)
     assert greedy.logprobs is None and unasked.logprobs is None
     assert unasked.rows(slice(0, 1)).logprobs is None
+
+
+def test_an_osft_run_logs_the_agreement_figures(fast_cfg, tmp_path):
+    """The rollout's call site: with an engine that reports log-probs, every step logs them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from osftkit.train import run
+
+    run(fast_cfg("method=osft", "engine.report_logprobs=true", "trainer.log_every_n_steps=1"))
+    events = next((tmp_path / "run" / "tensorboard").rglob("events*"))
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    diffs = [event.value for event in accumulator.Scalars("rollout/logprob_diff")]
+    ratios = [event.value for event in accumulator.Scalars("rollout/ratio_max")]
+    print(f"engine=hf, OSFT, 3 steps: rollout/logprob_diff {diffs}, ratio_max {ratios}")
+    assert len(diffs) == 3 and max(diffs) < 1e-4 and min(ratios) >= 1.0
