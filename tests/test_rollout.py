@@ -1,4 +1,5 @@
 import copy
+import types
 
 import torch
 
@@ -25,13 +26,10 @@ def encode_left_padded(tokenizer, texts):
 def generate(tiny_lm, texts, **kwargs):
     prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, texts)
     settings = {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}
+    tokens = {"eos_token_id": tiny_lm.tokenizer.eos_token_id}
+    tokens["pad_token_id"] = tiny_lm.tokenizer.pad_token_id
     return HFGenerateEngine().generate(
-        tiny_lm.model,
-        prompt_ids,
-        prompt_mask,
-        eos_token_id=tiny_lm.tokenizer.eos_token_id,
-        pad_token_id=tiny_lm.tokenizer.pad_token_id,
-        **{**settings, **kwargs},
+        tiny_lm.model, prompt_ids, prompt_mask, **{**settings, **tokens, **kwargs}
     )
 
 
@@ -238,17 +236,7 @@ def test_generation_and_the_loss_mask_stop_at_any_end_of_turn_token(tiny_lm):
     bias = torch.zeros(model.config.vocab_size)
     bias[turn_end] = 100.0
     model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
-    prompt = torch.tensor([tiny_lm.tokenizer("12\n", add_special_tokens=False)["input_ids"]])
-    rollouts = HFGenerateEngine().generate(
-        model,
-        prompt,
-        torch.ones_like(prompt),
-        num_samples=1,
-        temperature=0.0,
-        top_p=1.0,
-        max_new_tokens=8,
-        eos_token_id=[tiny_lm.tokenizer.eos_token_id, turn_end],
-        pad_token_id=tiny_lm.tokenizer.pad_token_id,
-    )
+    biased = types.SimpleNamespace(model=model, tokenizer=tiny_lm.tokenizer)
+    rollouts = generate(biased, ["12\n"], eos_token_id=[tiny_lm.tokenizer.eos_token_id, turn_end])
     assert rollouts.response_ids[0, 0].item() == turn_end
     assert rollouts.lengths.tolist() == [1] and not rollouts.truncated.any()

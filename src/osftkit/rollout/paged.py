@@ -109,13 +109,9 @@ class PagedEngine:
             )
         # generate_batch orders the results prompt-major, a prompt's samples together.
         responses = [out for out in outputs.values() for _ in range(num_samples if greedy else 1)]
+        tokens = [list(out.generated_tokens) for out in responses]
         rollouts = rollouts_from_token_lists(
-            [list(out.generated_tokens) for out in responses],
-            prompt_ids,
-            prompt_mask,
-            num_samples,
-            eos_token_id,
-            pad_token_id,
+            tokens, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id
         )
         if self.settings.get("return_logprobs") and not greedy:
             rollouts.logprobs = logprob_rows([out.logprobs for out in responses], rollouts)

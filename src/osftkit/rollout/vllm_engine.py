@@ -250,13 +250,9 @@ class VLLMEngine:
             for o in sorted(request.outputs, key=lambda o: o.index)
             for _ in range(num_samples if greedy else 1)
         ]
+        tokens = [list(o.token_ids) for o in completions]
         rollouts = rollouts_from_token_lists(
-            [list(o.token_ids) for o in completions],
-            prompt_ids,
-            prompt_mask,
-            num_samples,
-            stops,
-            pad_token_id,
+            tokens, prompt_ids, prompt_mask, num_samples, stops, pad_token_id
         )
         if not greedy:
             rollouts.logprobs = sampled_logprobs(completions, rollouts.response_ids)
