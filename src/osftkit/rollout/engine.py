@@ -4,6 +4,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import torch
+from jinja2 import TemplateError
 from torch import Tensor, nn
 
 
@@ -289,7 +290,10 @@ def template_end_of_turn(tokenizer) -> list[int]:
         return []
     reply = "osftkit-reply"
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
-    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except TemplateError:  # a template that takes no plain user/assistant turn: EOS only
+        return []
     after = tokenizer(text.split(reply, 1)[-1], add_special_tokens=False)["input_ids"][:1]
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     return [after[0]] if after and after[0] in special else []
