@@ -2,6 +2,7 @@
 scripts/check_vllm_api.py checks the names against the pinned release's source)."""
 
 import copy
+import importlib.util
 import os
 import sys
 import types
@@ -354,3 +355,13 @@ def test_a_sync_the_engine_did_not_take_is_an_error(stand_in, tiny_lm, monkeypat
     monkeypatch.setattr(StandInWorker, "reload_weights", lambda self, **kw: None)
     with pytest.raises(RuntimeError, match="stale weights"):
         rollout(vllm_engine.VLLMEngine(sleep_level=0), tiny_lm.model)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_train_with_engine_vllm_and_no_vllm_is_one_line(tmp_path):
+    from tests.conftest import cli
+
+    result = cli("engine=vllm", "model=tiny", "debug=fast", tmp_path=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stdout.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and "bash scripts/vllm_cpu.sh" in errors[0], result.stdout[-2000:]
