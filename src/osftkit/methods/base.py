@@ -34,6 +34,7 @@ from osftkit.metrics import PassAtK
 from osftkit.metrics.pass_at_k import counted_rows
 from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
+from osftkit.rollout.engine import end_of_turn_ids
 from osftkit.run_logger import logger_step, verbatim_markdown
 
 
@@ -313,7 +314,7 @@ class CausalLMModule(LightningModule):
                 temperature=temperature,
                 top_p=top_p,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=end_of_turn_ids(self.tokenizer, self.model.generation_config),
                 pad_token_id=self.tokenizer.pad_token_id,
             )
 

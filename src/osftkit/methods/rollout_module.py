@@ -12,6 +12,7 @@ from osftkit.methods.base import CausalLMModule
 from osftkit.methods.losses import check_aggregation
 from osftkit.methods.micro_batches import TokenBatch
 from osftkit.rollout import Rollouts
+from osftkit.rollout.agreement import AgreementGuard, response_logprobs
 
 log = logging.getLogger(__name__)
 REFERENCE = "reference."  # the KL reference's state-dict prefix
@@ -49,6 +50,7 @@ class RolloutModule(CausalLMModule):
             self.register_state_dict_post_hook(drop_reference_keys)
             self.register_load_state_dict_post_hook(allow_missing_reference)
         self.register_buffer("tokens_generated", torch.zeros((), dtype=torch.long))
+        self.agreement = AgreementGuard()  # rollout/trainer log-prob agreement
 
     @property
     def sampling_temperature(self) -> float:
@@ -66,6 +68,12 @@ class RolloutModule(CausalLMModule):
         )
         # The run's total over all ranks, so that every rank holds (and a checkpoint keeps) it.
         self.tokens_generated += self.sum_over_ranks(rollouts.lengths.sum())
+        if rollouts.logprobs is not None:  # the engine reported its log-probs: compare
+            scored = token_batch(rollouts, {})
+            trainer, _ = self.score_tokens(scored, self.sampling_temperature, with_entropy=False)
+            logp = response_logprobs(trainer, rollouts.prompt_ids.shape[1])
+            mask, step = rollouts.response_mask, self.global_step
+            self.log_dict(self.agreement.check(rollouts.logprobs, logp, mask, h.top_p, step))
         if bool(rollouts.truncated.all()):
             # Still trained on (cut responses are a valid signal), but usually a sign that
             # max_new_tokens is too small or the model has lost its EOS.

@@ -4,6 +4,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import torch
+from jinja2 import TemplateError
 from torch import Tensor, nn
 
 
@@ -11,8 +12,10 @@ from torch import Tensor, nn
 class Rollouts:
     """G responses per prompt. Row r belongs to prompt r // group_size.
 
-    `response_mask` covers the response up to and including its first EOS; a response with no
-    EOS ran into `max_new_tokens` and is marked `truncated`.
+    `response_mask` covers the response up to and including its first stop token (EOS or an
+    end-of-turn token); a response with none ran into `max_new_tokens` and is marked `truncated`.
+    `logprobs`, when the engine reports them, are its log-probs of the sampled response tokens
+    at the sampling temperature (zero past the mask), for the rollout/trainer agreement guard.
     """
 
     prompt_ids: Tensor  # (N, P) left padded
@@ -21,6 +24,7 @@ class Rollouts:
     response_mask: Tensor  # (N, R)
     truncated: Tensor  # (N,) bool
     group_size: int
+    logprobs: Tensor | None = None  # (N, R)
 
     @property
     def lengths(self) -> Tensor:
@@ -50,13 +54,22 @@ class Rollouts:
         ]
 
     def rows(self, index: slice | Tensor) -> "Rollouts":
-        tensor_fields = [f.name for f in fields(self) if f.name != "group_size"]
-        return replace(self, **{name: getattr(self, name)[index] for name in tensor_fields})
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "group_size"}
+        return replace(self, **{name: t[index] for name, t in tensors.items() if t is not None})
 
 
-def response_mask_and_truncation(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
-    """1 up to and including the first EOS; rows without an EOS are truncated (mask all ones)."""
-    is_eos = response_ids == eos_token_id
+def stop_ids(eos_token_id: int | list[int]) -> list[int]:
+    """The token ids that end a response: one EOS, or every end-of-turn id."""
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def response_mask_and_truncation(
+    response_ids: Tensor, eos_token_id: int | list[int]
+) -> tuple[Tensor, Tensor]:
+    """1 up to and including the first stop token; rows without one are truncated (mask all
+    ones)."""
+    stops = torch.tensor(stop_ids(eos_token_id), device=response_ids.device)
+    is_eos = torch.isin(response_ids, stops)
     truncated = ~is_eos.any(dim=1)
     # eos_seen counts EOS tokens strictly before each position; keep positions with none seen.
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
@@ -86,7 +99,7 @@ class GenerationEngine(Protocol):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        eos_token_id: int,
+        eos_token_id: int | list[int],
         pad_token_id: int,
         prompt_embeds: Tensor | None = None,
     ) -> Rollouts: ...
@@ -97,17 +110,20 @@ class HFGenerateEngine:
 
     `generate` stops as soon as every row of a batch has produced EOS. With `max_batch_tokens`
     the prompts go in chunks whose padded (prompt + max_new_tokens) x G rows fit that many
-    tokens, so a large rollout never holds one KV cache for all of its rows at once.
+    tokens, so a large rollout never holds one KV cache for all of its rows at once. With
+    `report_logprobs` a sampled rollout carries the log-probs of its tokens under the processed
+    scores (temperature and top-p applied), at the cost of keeping every step's scores.
     """
 
     decodes_with_policy = True
 
-    def __init__(self, max_batch_tokens: int | None = None) -> None:
+    def __init__(self, max_batch_tokens: int | None = None, report_logprobs: bool = False) -> None:
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(
                 f"engine.max_batch_tokens must be >= 1 or null, got {max_batch_tokens}"
             )
         self.max_batch_tokens = max_batch_tokens
+        self.report_logprobs = report_logprobs
 
     def prompts_per_chunk(self, num_prompts: int, row_tokens: int, num_samples: int) -> int:
         """How many prompts one `generate` call takes (at least one)."""
@@ -126,7 +142,7 @@ class HFGenerateEngine:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        eos_token_id: int,
+        eos_token_id: int | list[int],
         pad_token_id: int,
         prompt_embeds: Tensor | None = None,
     ) -> Rollouts:
@@ -142,6 +158,9 @@ class HFGenerateEngine:
             "use_cache": True,
             **({"do_sample": False} if greedy else sampling),
         }
+        report = self.report_logprobs and not greedy
+        if report:
+            settings |= {"output_scores": True, "return_dict_in_generate": True}
         step = self.prompts_per_chunk(
             prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, copies
         )
@@ -160,24 +179,34 @@ class HFGenerateEngine:
             ]
         finally:
             model.train(was_training)
-        response_ids = pad_right(chunks, pad_token_id)
+        response_ids = pad_right([tokens for tokens, _ in chunks], pad_token_id)
         if greedy:  # every greedy sample is the same: decode once, repeat
             response_ids = response_ids.repeat_interleave(num_samples, dim=0)
-        return group_rollouts(prompt_ids, prompt_mask, response_ids, num_samples, eos_token_id)
+        rollouts = group_rollouts(prompt_ids, prompt_mask, response_ids, num_samples, eos_token_id)
+        if report:
+            rollouts.logprobs = pad_right([logp for _, logp in chunks], 0.0)
+        return rollouts
 
 
 def generate_chunk(
     model: nn.Module, ids: Tensor, mask: Tensor, embeds: Tensor | None, settings: dict
-) -> Tensor:
-    """The new tokens of one `generate` call (from token ids, or from embeddings)."""
+) -> tuple[Tensor, Tensor | None]:
+    """The new tokens of one `generate` call (from token ids, or from embeddings) and, when
+    the settings ask for scores, the log-probs of those tokens under the processed scores."""
     if embeds is None:
         output = model.generate(input_ids=ids, attention_mask=mask, **settings)
-        return output[:, ids.shape[1] :]
+    else:
+        output = model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
+    sequences = output.sequences if settings.get("return_dict_in_generate") else output
     # From embeddings alone, decoder-only `generate` returns only the new tokens.
-    return model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
+    tokens = sequences if embeds is not None else sequences[:, ids.shape[1] :]
+    if not settings.get("output_scores"):
+        return tokens, None
+    scores = torch.stack(output.scores, dim=1).float().log_softmax(dim=-1)  # (rows, R, V)
+    return tokens, scores.gather(2, tokens[:, :, None]).squeeze(2)
 
 
-def pad_right(chunks: list[Tensor], pad_token_id: int) -> Tensor:
+def pad_right(chunks: list[Tensor], pad_token_id: float) -> Tensor:
     """Concatenate (rows, width) chunks of different widths, right-padded with pad."""
     width = max(chunk.shape[1] for chunk in chunks)
     return torch.cat(
@@ -190,7 +219,7 @@ def group_rollouts(
     prompt_mask: Tensor,
     response_ids: Tensor,
     num_samples: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     lengths: Tensor | None = None,
 ) -> Rollouts:
     """Rollouts from prompt-major (N * G, R) responses; `lengths`, when the engine knows them,
@@ -214,7 +243,7 @@ def rollouts_from_token_lists(
     prompt_ids: Tensor,
     prompt_mask: Tensor,
     num_samples: int,
-    eos_token_id: int,
+    eos_token_id: int | list[int],
     pad_token_id: int,
 ) -> Rollouts:
     """Right-pad prompt-major response token lists into Rollouts."""
@@ -243,3 +272,28 @@ def check_generation_args(num_samples: int, temperature: float, top_p: float, ma
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends a reply: the tokenizer's EOS, the model's generation_config EOS
+    list, and the token the chat template closes an assistant turn with (Qwen2.5 base models:
+    EOS `<|endoftext|>`, turn end `<|im_end|>`)."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *stop_ids(configured if configured is not None else [])]
+    ids += template_end_of_turn(tokenizer)
+    return list(dict.fromkeys(i for i in ids if i is not None))  # EOS first, no repeats
+
+
+def template_end_of_turn(tokenizer) -> list[int]:
+    """The special token right after an assistant reply in the chat template, if any."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    reply = "osftkit-reply"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except TemplateError:  # a template that takes no plain user/assistant turn: EOS only
+        return []
+    after = tokenizer(text.split(reply, 1)[-1], add_special_tokens=False)["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return [after[0]] if after and after[0] in special else []

@@ -36,7 +36,8 @@ def continuous_batching_config(settings: dict[str, Any]) -> Any:
 class PagedEngine:
     """Same interface and sampling semantics as HFGenerateEngine (temperature 0 = greedy, G
     samples per prompt, EOS, max_new_tokens, top-p without top-k). `continuous_batching` goes to
-    transformers' ContinuousBatchingConfig (page_size, num_blocks, max_batch_tokens, ...).
+    transformers' ContinuousBatchingConfig (page_size, num_blocks, max_batch_tokens, ...); with
+    its `return_logprobs` a sampled rollout carries the log-probs of its tokens (processed scores).
 
     Without `num_blocks`, transformers sizes the paged cache from free memory; on CPU that is
     the machine's RAM, a cache so large that every step slows down (34 against 255 tokens/s on
@@ -61,7 +62,7 @@ class PagedEngine:
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        eos_token_id: int,
+        eos_token_id: int | list[int],
         pad_token_id: int,
         prompt_embeds: Tensor | None = None,
     ) -> Rollouts:
@@ -107,14 +108,14 @@ class PagedEngine:
                 f"(failed: {failed[:3]}); use engine=hf"
             )
         # generate_batch orders the results prompt-major, a prompt's samples together.
-        responses = [
-            list(out.generated_tokens)
-            for out in outputs.values()
-            for _ in range(num_samples if greedy else 1)
-        ]
-        return rollouts_from_token_lists(
-            responses, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id
+        responses = [out for out in outputs.values() for _ in range(num_samples if greedy else 1)]
+        tokens = [list(out.generated_tokens) for out in responses]
+        rollouts = rollouts_from_token_lists(
+            tokens, prompt_ids, prompt_mask, num_samples, eos_token_id, pad_token_id
         )
+        if self.settings.get("return_logprobs") and not greedy:
+            rollouts.logprobs = logprob_rows([out.logprobs for out in responses], rollouts)
+        return rollouts
 
     def cache_config(self, model: nn.Module, rows: int, row_tokens: int) -> Any:
         """The ContinuousBatchingConfig of one call (on CPU, a cache that fits the rollout)."""
@@ -123,3 +124,11 @@ class PagedEngine:
             page = settings.get("page_size", continuous_batching_config({}).page_size)
             settings["num_blocks"] = rows * math.ceil(row_tokens / page)
         return continuous_batching_config(settings)
+
+
+def logprob_rows(logprobs: list[list[float]], rollouts: Rollouts) -> Tensor:
+    """(N, R) per-token log-probs, zero past each response's end."""
+    out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)
+    for row, values in enumerate(logprobs):
+        out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out.to(rollouts.response_ids.device)

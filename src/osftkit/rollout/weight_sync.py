@@ -87,8 +87,22 @@ class StepCounter:
 register_optimizer_step_post_hook(StepCounter.stepped)
 
 
-def weights_version(model: nn.Module) -> tuple:
-    """Changes whenever the weights may have: after any optimiser step, and when a parameter
-    is modified in place outside one (a checkpoint load) or replaced. Version counters alone
-    miss foreach optimiser steps on FSDP2's DTensors, hence the step count."""
-    return StepCounter.count, tuple((id(p), p._version) for p in model.parameters())
+LOADS = "_osftkit_weight_loads"  # load_state_dict calls seen on a model
+
+
+def count_load(module: nn.Module, incompatible_keys) -> None:
+    setattr(module, LOADS, getattr(module, LOADS) + 1)
+
+
+def weights_version(model: nn.Module) -> tuple[int, int]:
+    """Changes whenever the weights do: after any optimiser step (torch's global post-hook,
+    which sees every optimiser, foreach steps on FSDP2's DTensors included) and after a
+    `load_state_dict` into the model (a checkpoint restore; counted from the first call on).
+    Neither parameter identities nor version counters enter: FSDP2's root swaps its
+    parameters between the sharded and the unsharded (re-gathered) form around a forward,
+    a no-grad validation pass included, which is no change of the weights. Code that writes
+    the weights in place outside both (none in the kit) must bump `StepCounter.count`."""
+    if not hasattr(model, LOADS):
+        setattr(model, LOADS, 0)
+        model.register_load_state_dict_post_hook(count_load)
+    return StepCounter.count, getattr(model, LOADS)
