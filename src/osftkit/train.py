@@ -13,7 +13,7 @@ import hydra
 import lightning as L
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -32,6 +32,7 @@ from osftkit.hardware import (
     fsdp_units,
 )
 from osftkit.interpret.trigger_discovery import report_discovery
+from osftkit.methods.inputs import RunInputs
 from osftkit.models import LoadedModel
 from osftkit.models.loading import ModelNotFoundError, build_once, resolve_path
 from osftkit.run_logger import close_run_loggers, log_final_hparams
@@ -145,15 +146,15 @@ def build_components(
         method = instantiate(cfg.method, _convert_="all", model=loaded.model)
         return loaded, instantiate(cfg.data), method
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
-    with clear_errors():
-        module = instantiate(
-            cfg.method,
-            _convert_="all",  # plain dicts/lists in hparams, so checkpoints load with weights_only
-            model=loaded.model,
-            tokenizer=loaded.tokenizer,
-            validation=OmegaConf.to_container(cfg.validation, resolve=True),
-            engine=instantiate(cfg.engine),
-        )
+    recipe = OmegaConf.to_object(cfg.method)  # the typed recipe; its __post_init__ checks it
+    module = get_class(recipe._target_)(
+        loaded.model,
+        loaded.tokenizer,
+        recipe,
+        validation=OmegaConf.to_container(cfg.validation, resolve=True),
+        engine=instantiate(cfg.engine),
+        inputs=RunInputs.of(datamodule),
+    )
     return loaded, datamodule, module
 
 
