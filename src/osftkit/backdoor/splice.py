@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from osftkit.methods.micro_batches import IGNORE_INDEX
 
 
-
 def splice(values: Tensor, insert: Tensor, positions: Tensor) -> Tensor:
     """Insert `insert` (B, k, ...) into `values` (B, T, ...) before `positions[b]` of each row."""
     batch, length, k = values.shape[0], values.shape[1], insert.shape[1]

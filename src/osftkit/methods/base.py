@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from lightning import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
-from hydra.utils import instantiate
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from osftkit.checkpointing import (

@@ -14,12 +14,7 @@ gradient, for every mode:
 import torch.distributed as dist
 from torch import Tensor
 
-AGGREGATIONS = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
+from osftkit.recipes.rollout import AGGREGATIONS
 
 
 def check_aggregation(aggregation: str) -> None:

@@ -3,6 +3,7 @@
 import copy
 import logging
 import math
+
 import torch
 from torch import Tensor
 

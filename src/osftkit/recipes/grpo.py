@@ -1,4 +1,5 @@
-"""GRPO (Shao et al. 2024) with the knobs of Dr. GRPO (Liu et al. 2025) and DAPO (Yu et al. 2025)."""
+"""GRPO (Shao et al. 2024) with the knobs of Dr. GRPO (Liu et al. 2025) and DAPO (Yu et al.
+2025)."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,9 @@ class GRPORecipe(RolloutRecipe):
                 f"{self.clip_eps_high}"
             )
         if self.dynamic_sampling and self.group_size < 2:
-            raise ValueError("method.dynamic_sampling needs group_size >= 2 (a group of 1 is equal)")
+            raise ValueError(
+                "method.dynamic_sampling needs group_size >= 2 (a group of 1 is equal)"
+            )
         buffer = self.overlong_buffer
         if buffer and not 1 <= buffer.length <= self.max_new_tokens:
             raise ValueError(

@@ -32,7 +32,9 @@ class LMRecipe:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"method.grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.logprob_chunk_size < 1:
-            raise ValueError(f"method.logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
+            raise ValueError(
+                f"method.logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}"
+            )
 
 
 @dataclass

@@ -5,7 +5,12 @@ from dataclasses import dataclass
 from osftkit.recipes.fields import knob
 from osftkit.recipes.lm import LMRecipe
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGGREGATIONS = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
 
 
 @dataclass
