@@ -146,16 +146,22 @@ def build_components(
         method = instantiate(cfg.method, _convert_="all", model=loaded.model)
         return loaded, instantiate(cfg.data), method
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
-    recipe = OmegaConf.to_object(cfg.method)  # the typed recipe; its __post_init__ checks it
-    module = get_class(recipe._target_)(
-        loaded.model,
-        loaded.tokenizer,
-        recipe,
+    module = build_method(
+        cfg.method,
+        loaded,
         validation=OmegaConf.to_container(cfg.validation, resolve=True),
         engine=instantiate(cfg.engine),
         inputs=RunInputs.of(datamodule),
     )
     return loaded, datamodule, module
+
+
+def build_method(method: DictConfig, loaded: LoadedModel, **run: Any) -> L.LightningModule:
+    """An LM method's module from its typed recipe (`OmegaConf.to_object` builds the dataclass
+    and runs its checks), handed the model, the tokenizer and `run` (validation, engine,
+    inputs)."""
+    recipe = OmegaConf.to_object(method)
+    return get_class(recipe._target_)(loaded.model, loaded.tokenizer, recipe, **run)
 
 
 def discover_removal_triggers(cfg: DictConfig, loaded: LoadedModel) -> None:
@@ -215,13 +221,19 @@ def build_missing_base(model: DictConfig) -> None:
         build_once(directory, build, f"model '{directory.name}' ({' '.join(overrides)})")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and evaluate before and after) as configured; returns the final metrics."""
+def start_run(cfg: DictConfig) -> None:
+    """The preamble of every run (training and evaluation): the console, the hardware (a GPU
+    option without a GPU stops here), a missing base built BEFORE seeding, threads, the seed."""
     configure_console()
     resolve_hardware(cfg)
     build_missing_base(cfg.model)  # a build sets its own threads: this run's are set after it
     configure_threads(cfg.hardware.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train (and evaluate before and after) as configured; returns the final metrics."""
+    start_run(cfg)
     ckpt_path = resume_checkpoint(cfg)
     loaded, datamodule, module = build_components(cfg)
     loggers = instantiate_group(cfg.get("logger"))
