@@ -2,12 +2,16 @@
 of a short OSFT run under hardware=fsdp_sim, on small stand-ins for the built bases (a fresh
 tiny model for the arithmetic presets, a fresh small word-level one for the backdoor presets).
 
-    PYTHONPATH=src python tests/golden/record.py            # compare with presets.json
-    PYTHONPATH=src python tests/golden/record.py --write    # (re)write presets.json
+    PYTHONPATH=src python tests/golden/record.py OUT.json   # record into OUT.json
+    PYTHONPATH=src python tests/golden/record.py --compare A.json B.json
+
+The fsdp_sim run goes in a process of its own (`--fsdp OUT.json`): Lightning starts the second
+rank by running the same command line again.
 """
 
 import json
 import math
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +24,6 @@ from omegaconf import open_dict  # noqa: E402
 from osftkit.train import run  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
 
-STORED = Path(__file__).parent / "presets.json"
 STEPS = 20
 SHORT = [
     f"trainer.max_steps={STEPS}",
@@ -75,15 +78,25 @@ def losses_of(overrides: list[str], directory: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in step.items() if "loss" in k} for step in steps]
 
 
-def record() -> dict:
+def record(out: Path) -> None:
+    """Each preset's losses, then the fsdp_sim run's final metrics, written to `out` as they come."""
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in PRESETS.items():
             results[name] = losses_of([f"experiment={name}", *overrides], Path(tmp) / name)
+            out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
             print(name, results[name][:3], flush=True)
-        results["fsdp_sim_osft"] = run(compose_config(FSDP, Path(tmp) / "fsdp"))
-        print("fsdp_sim_osft", results["fsdp_sim_osft"], flush=True)
-    return results
+    fsdp = out.with_suffix(".fsdp.json")
+    subprocess.run([sys.executable, __file__, "--fsdp", str(fsdp)], check=True)
+    results["fsdp_sim_osft"] = json.loads(fsdp.read_text())
+    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def record_fsdp(out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        final = run(compose_config(FSDP, Path(tmp) / "fsdp"))
+    if not out.exists():  # rank 0 writes first; the second rank's copy is the same run
+        out.write_text(json.dumps(final, indent=1, sort_keys=True) + "\n")
 
 
 def compare(got: dict, want: dict) -> list[str]:
@@ -102,10 +115,12 @@ def compare(got: dict, want: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    results = record()
-    if "--write" in sys.argv:
-        STORED.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    else:
-        differences = compare(results, json.loads(STORED.read_text()))
+    if sys.argv[1] == "--fsdp":
+        record_fsdp(Path(sys.argv[2]))
+    elif sys.argv[1] == "--compare":
+        got, want = (json.loads(Path(p).read_text()) for p in sys.argv[2:4])
+        differences = compare(got, want)
         print("\n".join(differences) or "all equal")
         sys.exit(1 if differences else 0)
+    else:
+        record(Path(sys.argv[1]))
