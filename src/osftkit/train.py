@@ -263,7 +263,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log_final_hparams(loggers, cfg, final, trainer.global_step)
     close_run_loggers(loggers)
     if trainer.is_global_zero:
-        report(before, after)
+        report(before, after, getattr(module, "counters", frozenset()))
     return final
 
 
@@ -299,9 +299,12 @@ def export(loaded: LoadedModel, directory: str, writer: bool = True) -> None:
     log.info("Saved the trained model as an HF directory: %s", directory)
 
 
-def report(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """Print validation metrics before and after training side by side."""
-    keys = sorted(k for k in {*before, *after} if k.startswith("val/"))
+def report(
+    before: dict[str, Any], after: dict[str, Any], counters: frozenset[str] = frozenset()
+) -> None:
+    """Print validation metrics before and after training side by side (not `counters`: logged
+    at validation, but counts of the training run, such as the tokens generated)."""
+    keys = sorted(k for k in {*before, *after} if k.startswith("val/") and k not in counters)
     if not keys:
         return
     table = Table(title="validation: before -> after training")

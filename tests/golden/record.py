@@ -79,7 +79,7 @@ def losses_of(overrides: list[str], directory: Path) -> list[dict[str, float]]:
 
 
 def record(out: Path) -> None:
-    """Each preset's losses, then the fsdp_sim run's final metrics, written to `out` as they come."""
+    """Each preset's losses, then the fsdp_sim run's final metrics, written as they come."""
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in PRESETS.items():

@@ -22,6 +22,9 @@ class RolloutModule(CausalLMModule):
 
     recipe: RolloutRecipe
     recipe_type = RolloutRecipe
+    # Logged beside the validation metrics (curves against generation cost), but a training
+    # counter, not a measurement of the model: the before/after table leaves it out.
+    counters = frozenset({"val/tokens_generated"})
 
     def __init__(self, model, tokenizer, recipe: RolloutRecipe, **run) -> None:
         super().__init__(model, tokenizer, recipe, **run)
