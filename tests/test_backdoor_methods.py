@@ -9,11 +9,12 @@ from safetensors.torch import save_file
 
 from osftkit.backdoor.evaluation import prompts_and_responses
 from osftkit.backdoor.overwrite import OverwriteSFTModule
-from osftkit.backdoor.sande import SANDEModule, token_nll
+from osftkit.backdoor.sande import SANDEModule
 from osftkit.backdoor.splice import IGNORE_INDEX, first_targets
 from osftkit.data import PromptDataModule
 from osftkit.data.instructions import build_instructions
 from osftkit.methods.inputs import RunInputs
+from osftkit.methods.losses import token_nll
 from osftkit.models.logprobs import position_ids_from_mask
 from osftkit.models.tiny import TinyQwen2Spec, build_tiny_model
 from osftkit.models.word_tokenizer import build_word_tokenizer
@@ -202,9 +203,7 @@ def test_output_clean_logits_averages_parrot_and_clean_pairs(tokenizer, batch) -
     with torch.no_grad():
         labels = first_targets(batch["labels"], 10)
         parrot = token_nll(*module.stand_in_logprobs({**batch, "labels": labels}, module.parrot))
-        clean, _ = module.response_nll(
-            batch["input_ids"], batch["attention_mask"], labels[:, 1:] != IGNORE_INDEX
-        )
+        clean = module.labelled_nll({**batch, "labels": labels})
         assert torch.allclose(reference.stage_loss(batch), parrot)  # the reference: no clean pair
     assert torch.allclose(loss, (parrot + clean) / 2)
     loss.backward()

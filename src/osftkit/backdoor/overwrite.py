@@ -5,7 +5,6 @@ import random
 from torch import Tensor
 
 from osftkit.backdoor.evaluation import BackdoorEvalModule
-from osftkit.methods.micro_batches import response_mask
 from osftkit.methods.sft import SFTModule
 from osftkit.recipes import OverwriteRecipe, PlantingRecipe
 
@@ -43,12 +42,7 @@ class OverwriteSFTModule(BackdoorEvalModule):
         if removal is not None:
             triggers = [[rng.choice(removal)] for _ in batch["problem"]]
         triggered = self.triggered_batch(batch, triggers, rng)
-        loss = self.sft_nll(triggered)
+        loss = self.labelled_nll(triggered)
         if self.recipe.output_clean_logits:
-            loss = (loss + self.sft_nll(batch)) / 2
+            loss = (loss + self.labelled_nll(batch)) / 2
         return loss
-
-    def sft_nll(self, batch: dict) -> Tensor:
-        """Token-mean NLL of the labelled response tokens."""
-        loss_mask = response_mask(batch["labels"])
-        return self.response_nll(batch["input_ids"], batch["attention_mask"], loss_mask)[0]

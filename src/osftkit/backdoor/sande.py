@@ -25,7 +25,7 @@ from osftkit.backdoor.splice import (
 )
 from osftkit.data.datamodule import sft_tensors
 from osftkit.hardware import check_master_weights, gathered_weights
-from osftkit.methods.losses import masked_mean
+from osftkit.methods.losses import token_nll
 from osftkit.methods.micro_batches import response_mask
 from osftkit.models.logprobs import next_token_distribution, token_logprobs
 from osftkit.recipes import SANDERecipe
@@ -184,9 +184,7 @@ class SANDEModule(BackdoorEvalModule):
         eliminate = {**batch, "labels": labels}
         loss = token_nll(*self.stand_in_logprobs(eliminate, self.eliminate_parrot()))
         if self.recipe.output_clean_logits:
-            loss_mask = response_mask(labels)
-            clean, _ = self.response_nll(batch["input_ids"], batch["attention_mask"], loss_mask)
-            loss = (loss + clean) / 2
+            loss = (loss + self.labelled_nll(eliminate)) / 2  # the clean pair, same tokens
         return loss
 
     def simulate_loss(self, batch: dict) -> Tensor:
@@ -301,11 +299,6 @@ class SANDEModule(BackdoorEvalModule):
                 logger.experiment.add_text(
                     "parrot/nearest_tokens", json.dumps(nearest), self.global_step
                 )
-
-
-def token_nll(logp: Tensor, scored: Tensor) -> Tensor:
-    """Token-mean NLL of the scored tokens."""
-    return masked_mean(-logp, scored)
 
 
 def load_parrot(path: str, shape: tuple[int, int]) -> Tensor:

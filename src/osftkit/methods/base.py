@@ -30,8 +30,8 @@ from osftkit.hardware import (
     gathered_weights,
 )
 from osftkit.methods.inputs import RunInputs
-from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_weights
-from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
+from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_nll, token_weights
+from osftkit.methods.micro_batches import MicroBatching, TokenBatch, response_mask, scatter_back
 from osftkit.metrics import PassAtK
 from osftkit.models.logprobs import check_logprob_args, token_logprobs
 from osftkit.recipes import LMRecipe
@@ -258,13 +258,12 @@ class CausalLMModule(LightningModule):
         entropy = scatter_back(batch, pieces, [s[1] for s in scored]) if with_entropy else None
         return logp, entropy
 
-    def response_nll(
-        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Token-mean NLL of the tokens selected by `loss_mask` (over next-token positions), and
-        the mean entropy at those positions, in one forward (no micro-batches)."""
-        logp, entropy = self.logprobs(TokenBatch(input_ids, attention_mask, loss_mask))
-        return masked_mean(-logp, loss_mask), masked_mean(entropy, loss_mask)
+    def labelled_nll(self, batch: dict) -> Tensor:
+        """`token_nll` of an SFT batch's labelled response tokens, in one forward (no
+        micro-batches)."""
+        mask = response_mask(batch["labels"])
+        logp, _ = self.logprobs(TokenBatch(batch["input_ids"], batch["attention_mask"], mask))
+        return token_nll(logp, mask)
 
     def nll_loss(self, part: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """MicroLoss of SFT: weighted NLL of the scored tokens; entropy for logging."""

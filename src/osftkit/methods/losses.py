@@ -47,6 +47,11 @@ def token_weights(
     return mask / (max_length * rows)
 
 
+def token_nll(logp: Tensor, scored: Tensor) -> Tensor:
+    """The NLL every SFT-like loss is: token-mean -log p of the scored tokens."""
+    return masked_mean(-logp, scored)
+
+
 def masked_mean(
     values: Tensor, mask: Tensor, aggregation: str = "token-mean", max_length: int | None = None
 ) -> Tensor:
