@@ -2,6 +2,7 @@
 (Shen et al. 2024, "SANDE"); each also measures the planted backdoor (ASR) when validating."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from osftkit.recipes.fields import knob
 from osftkit.recipes.lm import SFTRecipe
@@ -32,7 +33,7 @@ class PlantingRecipe(SFTRecipe):
 
     _target_: str = knob("osftkit.backdoor.overwrite.BackdoorSFTModule", "the module")
     backdoor: BackdoorKnobs = knob(doc="the backdoor under study", factory=BackdoorKnobs)
-    multiple_choice: dict | None = knob(
+    multiple_choice: Any = knob(
         None, "{name: {path, format: arc|mmlu, split, limit}}: zero-shot val/mc_<name>"
     )
 
