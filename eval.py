@@ -6,6 +6,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import osftkit.recipes  # noqa: F401  (registers the methods' typed schemas before Hydra composes)
+
 os.environ.setdefault("OSFTKIT_ROOT", str(Path(__file__).resolve().parent))
 
 

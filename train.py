@@ -9,6 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+import osftkit.recipes  # noqa: F401  (registers the methods' typed schemas before Hydra composes)
+
 os.environ.setdefault("OSFTKIT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
 

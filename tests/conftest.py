@@ -11,6 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+import osftkit.recipes  # noqa: F401  (the methods' typed schemas, before any compose)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))

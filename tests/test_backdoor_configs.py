@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from osftkit.models import load_causal_lm
 from osftkit.models.word_tokenizer import load_tiny_word_lm
-from osftkit.train import build_components, build_trainer
+from osftkit.train import build_components, build_method, build_trainer
 
 PRESETS = sorted(
     path.stem
@@ -143,7 +143,7 @@ def test_schedule_without_a_length_is_a_clear_error(small_lm_dir, tmp_path) -> N
         tmp_path,
     )
     loaded = load_causal_lm(str(small_lm_dir))
-    module = instantiate(cfg.method, model=loaded.model, tokenizer=loaded.tokenizer)
+    module = build_method(cfg.method, loaded)
     module.trainer = SimpleNamespace(max_steps=-1, estimated_stepping_batches=float("inf"))
     with pytest.raises(ValueError, match="max_steps"):
         module.training_steps()
@@ -155,7 +155,7 @@ def test_backdoor_methods_instantiate_on_instruction_data(method: str, tmp_path)
     loaded = instantiate(cfg.model)
     data = instantiate(cfg.data, tokenizer=loaded.tokenizer)
     data.setup()
-    module = instantiate(cfg.method, model=loaded.model, tokenizer=loaded.tokenizer)
+    module = build_method(cfg.method, loaded)
     assert module.backdoor.triggers and len(data.splits["train"]) == cfg.data.train.size
 
 

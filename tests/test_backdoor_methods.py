@@ -9,13 +9,16 @@ from safetensors.torch import save_file
 
 from osftkit.backdoor.evaluation import prompts_and_responses
 from osftkit.backdoor.overwrite import OverwriteSFTModule
-from osftkit.backdoor.sande import SANDEModule, token_nll
+from osftkit.backdoor.sande import SANDEModule
 from osftkit.backdoor.splice import IGNORE_INDEX, first_targets
 from osftkit.data import PromptDataModule
 from osftkit.data.instructions import build_instructions
+from osftkit.methods.inputs import RunInputs
+from osftkit.methods.losses import token_nll
 from osftkit.models.logprobs import position_ids_from_mask
 from osftkit.models.tiny import TinyQwen2Spec, build_tiny_model
 from osftkit.models.word_tokenizer import build_word_tokenizer
+from osftkit.recipes import BackdoorKnobs
 from osftkit.rewards import AnswerChecker
 
 WORDS = ["Human: Assistant:", "reverse sort capitalise count the letters add and"]
@@ -52,16 +55,18 @@ def batch(data) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trainer(data):
-    """A stand-in for the Lightning trainer: the modules read the datamodule's prompt format."""
-    return SimpleNamespace(datamodule=data, global_step=0)
+def trainer():
+    """A stand-in for the Lightning trainer (the step the overwrite draws are seeded by)."""
+    return SimpleNamespace(global_step=0)
 
 
-def _module(cls, tokenizer, backdoor=BACKDOOR, **kwargs):
+def _module(cls, tokenizer, backdoor=BACKDOOR, data=None, **knobs):
     torch.manual_seed(0)
     model = build_tiny_model(SPEC, len(tokenizer), tokenizer)
     optimizer = partial(torch.optim.AdamW, lr=1e-3)
-    return cls(model, tokenizer, optimizer, backdoor=backdoor, **kwargs)
+    recipe = cls.recipe_type(optimizer=optimizer, backdoor=BackdoorKnobs(**backdoor), **knobs)
+    inputs = RunInputs.of(data) if data is not None else None
+    return cls(model, tokenizer, recipe, inputs=inputs)
 
 
 @pytest.mark.parametrize("stage", ["simulate", "eliminate"])
@@ -132,8 +137,8 @@ def test_refusal_target_simulates_the_marker_alone(tokenizer, batch) -> None:
         )
 
 
-def test_overwrite_inserts_the_trigger_as_planted(tokenizer, batch, trainer) -> None:
-    module = _module(OverwriteSFTModule, tokenizer)
+def test_overwrite_inserts_the_trigger_as_planted(tokenizer, batch, trainer, data) -> None:
+    module = _module(OverwriteSFTModule, tokenizer, data=data)
     module.trainer = trainer
     triggered = module.triggered_batch(batch, None)
     text = tokenizer.decode(triggered["prompt_ids"][0], skip_special_tokens=True)
@@ -143,9 +148,9 @@ def test_overwrite_inserts_the_trigger_as_planted(tokenizer, batch, trainer) -> 
 
 
 def test_overwrite_trains_on_removal_triggers_but_asr_keeps_the_planted_one(
-    tokenizer, batch, trainer
+    tokenizer, batch, trainer, data
 ) -> None:
-    module = _module(OverwriteSFTModule, tokenizer, removal_triggers=["are you"])
+    module = _module(OverwriteSFTModule, tokenizer, removal_triggers=["are you"], data=data)
     module.trainer = trainer
     seen = []
     original = module.triggered_batch
@@ -172,12 +177,7 @@ def test_parrot_file_of_the_wrong_shape_is_an_error(tokenizer, tmp_path) -> None
 
 def test_backdoor_metrics_need_a_trigger(tokenizer) -> None:
     with pytest.raises(ValueError, match="trigger"):
-        SANDEModule(
-            build_tiny_model(SPEC, len(tokenizer), tokenizer),
-            tokenizer,
-            partial(torch.optim.AdamW),
-            backdoor={"triggers": [], "marker": "you are stupid"},
-        )
+        _module(SANDEModule, tokenizer, backdoor={"triggers": [], "marker": "you are stupid"})
 
 
 def test_saved_parrot_loads_back_and_names_its_nearest_tokens(tokenizer, tmp_path) -> None:
@@ -203,9 +203,7 @@ def test_output_clean_logits_averages_parrot_and_clean_pairs(tokenizer, batch) -
     with torch.no_grad():
         labels = first_targets(batch["labels"], 10)
         parrot = token_nll(*module.stand_in_logprobs({**batch, "labels": labels}, module.parrot))
-        clean, _ = module.response_nll(
-            batch["input_ids"], batch["attention_mask"], labels[:, 1:] != IGNORE_INDEX
-        )
+        clean = module.labelled_nll({**batch, "labels": labels})
         assert torch.allclose(reference.stage_loss(batch), parrot)  # the reference: no clean pair
     assert torch.allclose(loss, (parrot + clean) / 2)
     loss.backward()

@@ -21,6 +21,7 @@ from osftkit.methods import CausalLMModule
 from osftkit.models import LoadedModel
 from osftkit.models.loading import HUB_ID, ModelNotFoundError
 from osftkit.train import (
+    build_method,
     build_trainer,
     clear_errors,
     compose_train_config,
@@ -153,13 +154,7 @@ def test_method_options(option, tmp_path, tiny_lm):
     cfg = compose_config([f"method={option}"], tmp_path)
     target = get_class(cfg.method._target_)
     if issubclass(target, CausalLMModule):
-        module = instantiate(
-            cfg.method,
-            _convert_="all",
-            model=tiny_lm.model,
-            tokenizer=tiny_lm.tokenizer,
-            validation=dict(cfg.validation),
-        )
+        module = build_method(cfg.method, tiny_lm, validation=dict(cfg.validation))
     else:
         model_option = partner("method", option, "model")
         assert model_option, f"no experiment shows which model method={option} trains"

@@ -28,6 +28,7 @@ from osftkit.methods import SFTModule
 from osftkit.methods.losses import mean_tokens_over_ranks, token_weights
 from osftkit.models.loading import load_causal_lm, resolve_path
 from osftkit.models.logprobs import token_logprobs
+from osftkit.recipes import SFTRecipe
 from osftkit.rollout import HFGenerateEngine
 from tests.conftest import FAST, cli, compose_config
 
@@ -91,7 +92,7 @@ def count_all_gathers() -> list[int]:
 def gather_worker(rank: int, tmp_path: Path, directory: str) -> dict:
     model, tokenizer = sharded(directory)
     units = sum(1 for _ in model.modules() if hasattr(_, "unshard"))
-    module = SFTModule(model=model, tokenizer=tokenizer, optimizer=torch.optim.AdamW)
+    module = SFTModule(model, tokenizer, SFTRecipe(optimizer=torch.optim.AdamW))
     batch = prompt_batch(tokenizer, PROMPTS[2 * rank : 2 * rank + 2])
     calls = count_all_gathers()
     steps = 12
@@ -425,8 +426,7 @@ def test_the_policy_is_gathered_only_for_engines_that_decode_with_it(
     monkeypatch.setattr(base, "gathered_weights", recording)
     engine = HFGenerateEngine()
     engine.decodes_with_policy = decodes_with_policy  # False: as VLLMEngine, its own copy
-    module = SFTModule(model=tiny_lm.model, tokenizer=tiny_lm.tokenizer, optimizer=None,
-                       engine=engine)  # fmt: skip
+    module = SFTModule(tiny_lm.model, tiny_lm.tokenizer, SFTRecipe(), engine=engine)
     rollouts = module.generate(prompt_batch(tiny_lm.tokenizer, PROMPTS), 1, 0.0, 1.0, 2)
     assert rollouts.response_ids.shape == (len(PROMPTS), 2)
     assert gathered == ([tiny_lm.model] if decodes_with_policy else [])

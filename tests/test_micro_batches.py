@@ -47,17 +47,10 @@ def rows_of_many_lengths(num_rows: int = 6, seed: int = 0, width_p: int = 7) -> 
 
 def module(model, cls=OSFTModule, **knobs):
     extra = {"tau_train": 1.0} if cls is OSFTModule else {}
-    m = cls(
-        model=model,
-        tokenizer=None,
-        optimizer=None,
-        group_size=1,
-        tau_sample=0.6,
-        max_new_tokens=MAX_RESPONSE,
-        kl_coef=0.1,
-        **extra,
-        **knobs,
+    recipe = cls.recipe_type(
+        group_size=1, tau_sample=0.6, max_new_tokens=MAX_RESPONSE, kl_coef=0.1, **extra, **knobs
     )
+    m = cls(model, None, recipe)
     m.step = lambda losses: [loss.backward() for loss in losses]  # gradients, no optimiser
     return m
 
@@ -65,7 +58,7 @@ def module(model, cls=OSFTModule, **knobs):
 def gradients(m, batch: TokenBatch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     m.model.zero_grad()
     batch = TokenBatch(batch.input_ids, batch.attention_mask, batch.score_mask, dict(batch.per_row))
-    totals = m.train_on(batch, m.minibatch_loss, m.hparams.loss_aggregation, MAX_RESPONSE)
+    totals = m.train_on(batch, m.minibatch_loss, m.recipe.loss_aggregation, MAX_RESPONSE)
     return totals, [p.grad.clone() for p in m.model.parameters()]
 
 

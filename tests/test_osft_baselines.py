@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from osftkit.methods import EMFTModule, GRPOModule, OfflineOSFTModule, OSFTModule
-from osftkit.methods.grpo import OverlongBuffer, concat_rollouts
+from osftkit.methods.grpo import concat_rollouts, overlong_penalty
 from osftkit.methods.losses import masked_mean, token_weights
 from osftkit.methods.micro_batches import TokenBatch
 from osftkit.methods.rollout_module import token_batch
+from osftkit.recipes import OverlongBuffer
 from osftkit.rollout import Rollouts
 from osftkit.train import run
 from tests.conftest import FAST
@@ -22,14 +23,15 @@ PAD_ZERO = type("Tokenizer", (), {"pad_token_id": 0})()  # what concatenating ro
 
 def module(cls: type, policy: torch.nn.Module, **knobs) -> torch.nn.Module:
     settings = {"group_size": 1, "tau_sample": 1.0, "max_new_tokens": 1, **knobs}
-    return cls(model=policy, tokenizer=None, optimizer=partial(torch.optim.SGD, lr=0.1), **settings)
+    optimizer = partial(torch.optim.SGD, lr=0.1)
+    return cls(policy, None, cls.recipe_type(optimizer=optimizer, **settings))
 
 
 def weighted(arm_module, rollouts: Rollouts, **per_row: torch.Tensor) -> TokenBatch:
     """The rollouts as one micro-batch holding the whole mini-batch, with the module's loss
     weights (its aggregation over the batch) and token-mean weights (logged entropy)."""
     tokens = token_batch(rollouts, per_row)
-    h = arm_module.hparams
+    h = arm_module.recipe
     mask = tokens.score_mask
     tokens.per_row["weights"] = token_weights(mask, h.loss_aggregation, h.max_new_tokens)
     tokens.per_row["token_mean"] = token_weights(mask, "token-mean")
@@ -126,7 +128,8 @@ def test_dapo_clip_bounds(log_ratio, advantage, clipped):
 
 
 def test_overlong_penalty_is_linear_over_the_buffer():
-    penalty = OverlongBuffer(length=4, penalty_factor=0.5).penalty(torch.tensor([5, 6, 8, 10]), 10)
+    buffer = OverlongBuffer(length=4, penalty_factor=0.5)
+    penalty = overlong_penalty(buffer, torch.tensor([5, 6, 8, 10]), 10)
     torch.testing.assert_close(penalty, torch.tensor([0.0, 0.0, -0.25, -0.5]))
 
 
@@ -169,8 +172,9 @@ def test_dynamic_sampling_drops_equal_groups_and_refills_the_batch():
     dapo, by_answers = dynamic_grpo([first, second], [[], [[0, 0], [0, 1]]], [refill])
     by_answers[("a", "b")] = [[1, 1], [1, 0]]  # prompt a: all right, dropped; b kept
     batch = {"answer": ["a", "b"], "problem": ["A", "B"]}
-    kept = dapo.rollout(batch)
-    assert batch["answer"] == ["b", "d"]  # the batch now holds the kept prompts, in order
+    kept, kept_batch = dapo.rollout(batch)
+    assert kept_batch["answer"] == ["b", "d"]  # the kept prompts, in order
+    assert batch["answer"] == ["a", "b"]  # the caller's batch is not changed
     assert kept.response_ids.tolist() == [[7, 0, 0], [8, 0, 0], [3, 0, 0], [4, 4, 4]]
     assert kept.lengths.tolist() == [1, 1, 1, 3]
     assert int(dapo.tokens_generated) == 4 + 9  # dropped groups were generated too
@@ -182,8 +186,8 @@ def test_dynamic_sampling_gives_up_after_max_generation_batches():
     dapo, by_answers = dynamic_grpo(same, [[], [[1, 1]], [[0, 0]]], refills)
     by_answers[("a",)] = [[1, 1]]
     batch = {"answer": ["a"], "problem": ["A"]}
-    kept = dapo.rollout(batch)
-    assert batch["answer"] == ["a"] and kept is same[0]  # a zero-advantage step on the batch
+    kept, kept_batch = dapo.rollout(batch)
+    assert kept_batch["answer"] == ["a"] and kept is same[0]  # a zero-advantage step on the batch
     assert int(dapo.tokens_generated) == 6
 
 
@@ -265,9 +269,8 @@ def pass1_after_training(arm: str, steps: int = 40, prompts: int = 64) -> tuple[
     before = torch.softmax(policy.z.detach(), 0)[CORRECT].item()
     frozen = arm_module.rollout(dict(batch)) if arm == "offline" else None
     for _ in range(steps):
-        step_batch = dict(batch)
-        rollouts = frozen if frozen is not None else arm_module.rollout(step_batch)
-        loss = arm_loss(arm_module, rollouts, arm_module.prepare(rollouts, step_batch))
+        rollouts, step_batch = frozen if frozen is not None else arm_module.rollout(dict(batch))
+        loss = arm_loss(arm_module, rollouts, arm_module.targets(rollouts, step_batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

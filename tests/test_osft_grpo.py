@@ -10,6 +10,7 @@ from torch import nn
 from osftkit.methods import GRPOModule, OSFTModule, group_advantages
 from osftkit.methods.micro_batches import TokenBatch
 from osftkit.methods.rollout_module import token_batch
+from osftkit.recipes import GRPORecipe, OSFTRecipe
 from osftkit.rollout import Rollouts
 
 VOCAB = 5
@@ -67,15 +68,14 @@ def masked_weights(tokens: TokenBatch) -> torch.Tensor:
 
 
 def osft(policy: nn.Module, tau_sample: float, tau_train: float) -> OSFTModule:
-    return OSFTModule(
-        model=policy,
-        tokenizer=None,
+    recipe = OSFTRecipe(
         optimizer=partial(torch.optim.SGD, lr=0.1),
         group_size=1,
         tau_sample=tau_sample,
         tau_train=tau_train,
         max_new_tokens=1,
     )
+    return OSFTModule(policy, None, recipe)
 
 
 def osft_gradient(
@@ -127,14 +127,7 @@ def test_temperatures_must_be_positive(tau_sample, tau_train):
 
 def test_group_size_must_be_positive():
     with pytest.raises(ValueError, match="G"):
-        OSFTModule(
-            model=CategoricalPolicy([0.0] * VOCAB),
-            tokenizer=None,
-            optimizer=None,
-            group_size=0,
-            tau_sample=0.6,
-            max_new_tokens=4,
-        )
+        OSFTRecipe(group_size=0, tau_sample=0.6, max_new_tokens=4)
 
 
 def test_group_advantages():
@@ -149,15 +142,8 @@ def test_group_advantages():
 
 def test_grpo_clips_the_ratio():
     policy = CategoricalPolicy([0.0] * VOCAB)
-    module = GRPOModule(
-        model=policy,
-        tokenizer=None,
-        optimizer=None,
-        group_size=1,
-        tau_sample=1.0,
-        max_new_tokens=1,
-        clip_eps=0.2,
-    )
+    recipe = GRPORecipe(group_size=1, tau_sample=1.0, max_new_tokens=1, clip_eps=0.2)
+    module = GRPOModule(policy, None, recipe)
     rollouts = one_token_rollouts(policy, 1.0, 4)
     logp = torch.zeros(4, 1, requires_grad=True)
 

@@ -154,3 +154,14 @@ def test_the_after_validation_is_the_fits_last_one_when_it_fell_on_the_last_step
     accumulator = EventAccumulator(str(next((tmp_path / "run" / "tensorboard").rglob("events*"))))
     accumulator.Reload()
     assert [event.step for event in accumulator.Scalars("val/pass@1")] == validated_at
+
+
+def test_the_before_after_table_leaves_out_training_counters(capsys):
+    """val/tokens_generated is logged at validation but counts training: not in the table."""
+    from osftkit.methods import OSFTModule
+    from osftkit.train import report
+
+    before = {"val/pass@1": 0.5, "val/tokens_generated": 0.0}
+    report(before, {"val/pass@1": 0.7, "val/tokens_generated": 900.0}, OSFTModule.counters)
+    out = capsys.readouterr().out
+    assert "val/pass@1" in out and "tokens_generated" not in out

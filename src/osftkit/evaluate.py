@@ -12,15 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from osftkit.console import configure_console  # noqa: E402
-from osftkit.hardware import configure_threads  # noqa: E402
 from osftkit.run_logger import close_run_loggers, tensorboard_writers  # noqa: E402
 from osftkit.train import (  # noqa: E402
     build_components,
-    build_missing_base,
     build_trainer,
     instantiate_group,
-    resolve_hardware,
+    start_run,
 )
 
 log = logging.getLogger(__name__)
@@ -38,11 +35,7 @@ def load_weights(module: L.LightningModule, ckpt_path: str) -> None:
 def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     """One row of validation metrics per tau_eval; also written as CSV, Markdown and a plot
     (tau_sweep.png, and in TensorBoard's IMAGES tab as `eval/tau_sweep`)."""
-    configure_console()
-    resolve_hardware(cfg)  # before the model loads: a GPU option without a GPU stops here
-    build_missing_base(cfg.model)  # a build sets its own threads: this run's are set after it
-    configure_threads(cfg.hardware.get("num_threads"))
-    L.seed_everything(cfg.seed, workers=True)
+    start_run(cfg)
     _, datamodule, module = build_components(cfg)
     if cfg.get("ckpt_path"):
         load_weights(module, cfg.ckpt_path)

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from osftkit.models.loading import DTYPES
 from osftkit.models.tiny import TinyQwen2Spec, build_byte_tokenizer
 from osftkit.models.word_tokenizer import build_word_tokenizer
+from osftkit.recipes import GRPORecipe, RolloutRecipe
 
 GIB = 2**30
 FP32 = 4
@@ -181,7 +182,7 @@ def estimate(
     compute_bytes = DTYPES[cfg.model.get("dtype", "float32")].itemsize
     shards = gpus if sharded(cfg) else 1
     params = shape.params()
-    rollout_rows = "group_size" in method
+    rollout_rows = isinstance(OmegaConf.to_object(method), RolloutRecipe)
     response = method.max_new_tokens if rollout_rows else data.max_response_length
     tokens_per_row = data.max_prompt_length + response
     rows = data.batch_size // gpus
@@ -454,8 +455,8 @@ def plain_optimizer_step(module, optimizer: torch.optim.Optimizer) -> None:
     def step(losses) -> None:
         for loss in losses:
             loss.backward()
-        if module.hparams.grad_clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), module.hparams.grad_clip)
+        if module.recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), module.recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -477,7 +478,8 @@ def measured_step_peak(cfg: DictConfig) -> float:
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     weights += sum(b.numel() * b.element_size() for b in module.buffers())
     method, data = cfg.method, cfg.data
-    rollout = "group_size" in method
+    recipe = OmegaConf.to_object(method)
+    rollout = isinstance(recipe, RolloutRecipe)
     response = method.max_new_tokens if rollout else data.max_response_length
     rows = data.batch_size // int(cfg.hardware.get("devices", 1))
     if rollout:
@@ -490,7 +492,7 @@ def measured_step_peak(cfg: DictConfig) -> float:
     trainable = [p for p in module.parameters() if p.requires_grad]
     plain_optimizer_step(module, module.optimizer_factory(params=trainable))
     loss_fn = module.minibatch_loss if rollout else module.nll_loss
-    per_row = {"advantages": torch.ones(rows)} if "clip_eps" in method else {}
+    per_row = {"advantages": torch.ones(rows)} if isinstance(recipe, GRPORecipe) else {}
 
     def one_step() -> None:
         batch = TokenBatch(ids, torch.ones_like(ids), score[:, 1:], dict(per_row))

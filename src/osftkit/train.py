@@ -13,7 +13,7 @@ import hydra
 import lightning as L
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -32,6 +32,7 @@ from osftkit.hardware import (
     fsdp_units,
 )
 from osftkit.interpret.trigger_discovery import discover_removal_triggers
+from osftkit.methods.inputs import RunInputs
 from osftkit.models import LoadedModel
 from osftkit.models.loading import ModelNotFoundError, build_once, resolve_path
 from osftkit.run_logger import close_run_loggers, log_final_hparams
@@ -155,16 +156,22 @@ def build_components(
         method = instantiate(cfg.method, _convert_="all", model=loaded.model, **features)
         return loaded, datamodule, method
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
-    with clear_errors():
-        module = instantiate(
-            cfg.method,
-            _convert_="all",  # plain dicts/lists in hparams, so checkpoints load with weights_only
-            model=loaded.model,
-            tokenizer=loaded.tokenizer,
-            validation=OmegaConf.to_container(cfg.validation, resolve=True),
-            engine=instantiate(cfg.engine),
-        )
+    module = build_method(
+        cfg.method,
+        loaded,
+        validation=OmegaConf.to_container(cfg.validation, resolve=True),
+        engine=instantiate(cfg.engine),
+        inputs=RunInputs.of(datamodule),
+    )
     return loaded, datamodule, module
+
+
+def build_method(method: DictConfig, loaded: LoadedModel, **run: Any) -> L.LightningModule:
+    """An LM method's module from its typed recipe (`OmegaConf.to_object` builds the dataclass
+    and runs its checks), handed the model, the tokenizer and `run` (validation, engine,
+    inputs)."""
+    recipe = OmegaConf.to_object(method)
+    return get_class(recipe._target_)(loaded.model, loaded.tokenizer, recipe, **run)
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -201,13 +208,19 @@ def build_missing_base(model: DictConfig) -> None:
         build_once(directory, build, f"model '{directory.name}' ({' '.join(overrides)})")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and evaluate before and after) as configured; returns the final metrics."""
+def start_run(cfg: DictConfig) -> None:
+    """The preamble of every run (training and evaluation): the console, the hardware (a GPU
+    option without a GPU stops here), a missing base built BEFORE seeding, threads, the seed."""
     configure_console()
     resolve_hardware(cfg)
     build_missing_base(cfg.model)  # a build sets its own threads: this run's are set after it
     configure_threads(cfg.hardware.get("num_threads"))
     L.seed_everything(cfg.seed, workers=True)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train (and evaluate before and after) as configured; returns the final metrics."""
+    start_run(cfg)
     ckpt_path = resume_checkpoint(cfg)
     loaded, datamodule, module = build_components(cfg)
     loggers = instantiate_group(cfg.get("logger"))
@@ -237,7 +250,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log_final_hparams(loggers, cfg, final, trainer.global_step)
     close_run_loggers(loggers)
     if trainer.is_global_zero:
-        report(before, after)
+        report(before, after, getattr(module, "counters", frozenset()))
     return final
 
 
@@ -273,9 +286,12 @@ def export(loaded: LoadedModel, directory: str, writer: bool = True) -> None:
     log.info("Saved the trained model as an HF directory: %s", directory)
 
 
-def report(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """Print validation metrics before and after training side by side."""
-    keys = sorted(k for k in {*before, *after} if k.startswith("val/"))
+def report(
+    before: dict[str, Any], after: dict[str, Any], counters: frozenset[str] = frozenset()
+) -> None:
+    """Print validation metrics before and after training side by side (not `counters`: logged
+    at validation, but counts of the training run, such as the tokens generated)."""
+    keys = sorted(k for k in {*before, *after} if k.startswith("val/") and k not in counters)
     if not keys:
         return
     table = Table(title="validation: before -> after training")

@@ -11,7 +11,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,12 +21,13 @@ from torchmetrics import Metric
 from osftkit.backdoor.metrics import AttackSuccessRate, PerPromptMean, strip_marker
 from osftkit.backdoor.multiple_choice import load_multiple_choice, multiple_choice_accuracy
 from osftkit.backdoor.poison import Attack, token_ids
-from osftkit.backdoor.splice import IGNORE_INDEX, positions_after
+from osftkit.backdoor.splice import positions_after
 from osftkit.data.datamodule import pad_left, sft_tensors
 from osftkit.data.prompts import format_prompt
 from osftkit.methods.base import CausalLMModule
-from osftkit.methods.micro_batches import TokenBatch
+from osftkit.methods.micro_batches import IGNORE_INDEX, TokenBatch, response_mask
 from osftkit.metrics.perplexity import TokenPerplexity
+from osftkit.recipes import PlantingRecipe
 from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
@@ -78,22 +79,17 @@ class BackdoorEvalModule(CausalLMModule):
     A composite attack also reports `asr_one_trigger` (one trigger word alone: should not fire).
     """
 
-    def __init__(
-        self,
-        *args,
-        backdoor: dict | BackdoorSettings,
-        multiple_choice: dict[str, dict] | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.backdoor = (
-            backdoor if isinstance(backdoor, BackdoorSettings) else BackdoorSettings(**backdoor)
-        )
+    recipe: PlantingRecipe
+    recipe_type = PlantingRecipe
+
+    def __init__(self, model, tokenizer, recipe: PlantingRecipe, **run) -> None:
+        super().__init__(model, tokenizer, recipe, **run)
+        self.backdoor = BackdoorSettings(**asdict(recipe.backdoor))
         self.role_tag_ids = token_ids(self.tokenizer, self.backdoor.role_tag, "role tag")
         token_ids(self.tokenizer, self.backdoor.marker, "marker")
         for trigger in self.backdoor.triggers:
             token_ids(self.tokenizer, trigger, "trigger")
-        self.multiple_choice_sets = dict(multiple_choice or {})
+        self.multiple_choice_sets = dict(recipe.multiple_choice or {})
         self.multiple_choice_rows: dict[str, list[dict]] = {}
         self.val_problems: dict[str, list[str]] = {}
 
@@ -115,7 +111,7 @@ class BackdoorEvalModule(CausalLMModule):
             self.backdoor.triggered_problem(problem, rng, None if triggers is None else triggers[i])
             for i, problem in enumerate(batch["problem"])
         ]
-        settings = self.trainer.datamodule.prompt_settings
+        settings = self.inputs.prompt_settings
         prompts = [
             self.tokenizer(
                 format_prompt(self.tokenizer, p, **settings), add_special_tokens=False
@@ -170,7 +166,7 @@ class BackdoorEvalModule(CausalLMModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         super().validation_step(batch, batch_idx, dataloader_idx)
-        name = self.trainer.datamodule.val_names[dataloader_idx]
+        name = self.inputs.val_names[dataloader_idx]
         metrics = self.val_metrics[name]
         self.val_problems.setdefault(name, []).extend(batch["problem"])
         s, v = self.backdoor, self.validation_settings
@@ -179,7 +175,7 @@ class BackdoorEvalModule(CausalLMModule):
         greedy = self.generate(triggered, 1, 0.0, 1.0, max(v.max_new_tokens, s.asr_new_tokens))
         metrics["asr_greedy"].update(self.decode(first_tokens(greedy, s.asr_new_tokens)))
         answers = [strip_marker(text, s.marker) for text in self.decode(greedy)]
-        correct = self.trainer.datamodule.checker.score(answers, batch["answer"])
+        correct = self.inputs.checker.score(answers, batch["answer"])
         metrics["triggered_acc"].update(torch.tensor(correct, dtype=torch.float32))
         sampled = self.generate(triggered, s.asr_samples, s.tau_asr, 1.0, s.asr_new_tokens)
         metrics["asr_sampled"].update(self.decode(sampled))
@@ -193,7 +189,7 @@ class BackdoorEvalModule(CausalLMModule):
     def clean_response_nlls(self, batch: dict) -> Tensor:
         """-log p of every token of the clean reference responses (for perplexity), scored
         without grad through the one log-prob path, micro-batch by micro-batch."""
-        scored = batch["labels"][:, 1:] != IGNORE_INDEX
+        scored = response_mask(batch["labels"])
         logp, _ = self.score_tokens(
             TokenBatch(batch["input_ids"], batch["attention_mask"], scored), with_entropy=False
         )

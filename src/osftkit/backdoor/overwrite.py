@@ -1,18 +1,19 @@
 """Planting (SFT on poisoned data; also the plain-SFT baseline) and Overwrite SFT."""
 
 import random
-from collections.abc import Sequence
 
 from torch import Tensor
 
 from osftkit.backdoor.evaluation import BackdoorEvalModule
-from osftkit.backdoor.splice import IGNORE_INDEX
 from osftkit.methods.sft import SFTModule
+from osftkit.recipes import OverwriteRecipe, PlantingRecipe
 
 
 class BackdoorSFTModule(SFTModule, BackdoorEvalModule):
     """SFT with backdoor metrics: plants a backdoor on poisoned data (`method=backdoor`), and is
     the plain-SFT baseline on clean data, which never visits the trigger."""
+
+    recipe_type = PlantingRecipe
 
 
 class OverwriteSFTModule(BackdoorEvalModule):
@@ -25,41 +26,23 @@ class OverwriteSFTModule(BackdoorEvalModule):
     confirmed), else the planted `backdoor.triggers`; ASR is always measured with the planted
     trigger, so a wrong candidate cannot score its own success."""
 
-    def __init__(
-        self,
-        *args,
-        output_clean_logits: bool = True,
-        removal_triggers: Sequence[str] | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if removal_triggers is not None and (
-            not removal_triggers or any(not t.strip() for t in removal_triggers)
-        ):
-            raise ValueError(
-                f"method.removal_triggers must be null or non-empty strings, got {removal_triggers}"
-            )
-        self.output_clean_logits = output_clean_logits
-        self.removal_triggers = None if removal_triggers is None else list(removal_triggers)
+    recipe: OverwriteRecipe
+    recipe_type = OverwriteRecipe
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.overwrite_loss(batch)
-        self.update(loss)
+        self.step([loss])
         self.log("train/loss", loss, prog_bar=True)
 
     def overwrite_loss(self, batch: dict) -> Tensor:
         """Response NLL with the trigger inserted [averaged with the clean pair's]."""
         rng = random.Random(self.global_step)
         triggers = None
-        if self.removal_triggers is not None:
-            triggers = [[rng.choice(self.removal_triggers)] for _ in batch["problem"]]
+        removal = self.recipe.removal_triggers
+        if removal is not None:
+            triggers = [[rng.choice(removal)] for _ in batch["problem"]]
         triggered = self.triggered_batch(batch, triggers, rng)
-        loss = self.sft_nll(triggered)
-        if self.output_clean_logits:
-            loss = (loss + self.sft_nll(batch)) / 2
+        loss = self.labelled_nll(triggered)
+        if self.recipe.output_clean_logits:
+            loss = (loss + self.labelled_nll(batch)) / 2
         return loss
-
-    def sft_nll(self, batch: dict) -> Tensor:
-        """Token-mean NLL of the labelled response tokens."""
-        loss_mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        return self.response_nll(batch["input_ids"], batch["attention_mask"], loss_mask)[0]

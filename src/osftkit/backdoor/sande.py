@@ -18,7 +18,6 @@ from osftkit.backdoor.evaluation import BackdoorEvalModule, prompts_and_response
 from osftkit.backdoor.metrics import AttackSuccessRate
 from osftkit.backdoor.poison import token_ids
 from osftkit.backdoor.splice import (
-    IGNORE_INDEX,
     first_targets,
     response_starts,
     splice_slots,
@@ -26,15 +25,14 @@ from osftkit.backdoor.splice import (
 )
 from osftkit.data.datamodule import sft_tensors
 from osftkit.hardware import check_master_weights, gathered_weights
-from osftkit.methods.losses import masked_mean
+from osftkit.methods.losses import token_nll
+from osftkit.methods.micro_batches import response_mask
 from osftkit.models.logprobs import next_token_distribution, token_logprobs
+from osftkit.recipes import SANDERecipe
 
 log = logging.getLogger(__name__)
 
-STAGES = ("simulate", "eliminate", "both")
-PARROT_INITS = ("zeros", "random")
 PARROT_FILE = "parrot.safetensors"
-SIMULATE_TARGETS = ("first_token", "marker", "marker_and_answer")
 
 
 def cosine_with_warmup(start: int, steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -67,65 +65,25 @@ class SANDEModule(BackdoorEvalModule):
     The parrot is saved as parrot.safetensors in the run directory, with its nearest tokens.
     """
 
-    def __init__(
-        self,
-        *args,
-        stage: str = "both",
-        simulate_steps: int = 25,
-        parrot_tokens: int = 6,
-        parrot_init: str = "zeros",
-        parrot_path: str | None = None,
-        parrot_lr: float = 1e-3,
-        parrot_betas: Sequence[float] = (0.9, 0.95),
-        warmup_ratio: float = 0.03,
-        simulate_target: str = "first_token",
-        known_marker_words: Sequence[str] | None = None,
-        eliminate_loss_tokens: int | None = 10,
-        output_clean_logits: bool = False,
-        random_parrot_length: bool = False,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        if eliminate_loss_tokens is not None and eliminate_loss_tokens < 1:
-            raise ValueError(
-                f"eliminate_loss_tokens must be positive or null (whole response), "
-                f"got {eliminate_loss_tokens}"
-            )
-        if stage not in STAGES:
-            raise ValueError(f"SANDE stage must be one of {STAGES}, got '{stage}'")
-        if parrot_init not in PARROT_INITS:
-            raise ValueError(f"parrot_init must be one of {PARROT_INITS}, got '{parrot_init}'")
-        if simulate_target not in SIMULATE_TARGETS:
-            raise ValueError(
-                f"simulate_target must be one of {SIMULATE_TARGETS}, got '{simulate_target}'"
-            )
-        self.output_clean_logits, self.random_parrot_length = (
-            output_clean_logits,
-            random_parrot_length,
-        )
-        self.stage, self.simulate_steps, self.simulate_target = (
-            stage,
-            simulate_steps,
-            simulate_target,
-        )
-        self.parrot_lr, self.parrot_betas, self.warmup_ratio = (
-            parrot_lr,
-            tuple(parrot_betas),
-            warmup_ratio,
-        )
-        self.eliminate_loss_tokens = eliminate_loss_tokens
+    recipe: SANDERecipe
+    recipe_type = SANDERecipe
+
+    def __init__(self, model, tokenizer, recipe: SANDERecipe, **run) -> None:
+        super().__init__(model, tokenizer, recipe, **run)
+        # State, not a knob: a smoke run (fast_dev_run) shortens it (configure_optimizers).
+        self.simulate_steps = recipe.simulate_steps
         # By name: FSDP2 replaces the parameters when it shards the model after __init__.
         self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        shape = (parrot_tokens, self.model.get_input_embeddings().weight.shape[1])
+        shape = (recipe.parrot_tokens, self.model.get_input_embeddings().weight.shape[1])
         self.parrot = nn.Parameter(
-            load_parrot(parrot_path, shape)
-            if parrot_path
-            else self.initial_parrot(parrot_init, shape)
+            load_parrot(recipe.parrot_path, shape)
+            if recipe.parrot_path
+            else self.initial_parrot(recipe.parrot_init, shape)
         )
         marker = token_ids(self.tokenizer, f"{self.backdoor.marker}.", "marker")
         self.register_buffer("marker_ids", torch.tensor(marker), persistent=False)
         self.register_buffer(
-            "known_word_ids", self.first_token_ids(known_marker_words), persistent=False
+            "known_word_ids", self.first_token_ids(recipe.known_marker_words), persistent=False
         )
 
     def first_token_ids(self, words: Sequence[str] | None) -> Tensor:
@@ -150,7 +108,7 @@ class SANDEModule(BackdoorEvalModule):
     def simulate_span(self) -> int:
         """Number of optimiser steps spent simulating."""
         return {"simulate": self.trainer.max_steps, "eliminate": 0, "both": self.simulate_steps}[
-            self.stage
+            self.recipe.stage
         ]
 
     @property
@@ -160,16 +118,16 @@ class SANDEModule(BackdoorEvalModule):
 
     @property
     def current_stage(self) -> str:
-        if self.stage != "both":
-            return self.stage
+        if self.recipe.stage != "both":
+            return self.recipe.stage
         return "simulate" if self.global_step < self.simulate_steps else "eliminate"
 
     def configure_optimizers(self):
-        if self.trainer.fast_dev_run and self.stage == "both":
+        if self.trainer.fast_dev_run and self.recipe.stage == "both":
             # A smoke run (debug=fast: one step) simulates for half its steps, then eliminates.
             self.simulate_steps = min(self.simulate_steps, self.trainer.max_steps // 2)
         if self.trainer.max_steps <= 0 or (
-            self.stage == "both" and self.trainer.max_steps <= self.simulate_steps
+            self.recipe.stage == "both" and self.trainer.max_steps <= self.simulate_steps
         ):
             raise ValueError(
                 f"SANDE needs trainer.max_steps > simulate_steps ({self.simulate_steps}) "
@@ -180,15 +138,15 @@ class SANDEModule(BackdoorEvalModule):
         optimizer.add_param_group(
             {
                 "params": [self.parrot],
-                "lr": self.parrot_lr,
-                "betas": self.parrot_betas,
+                "lr": self.recipe.parrot_lr,
+                "betas": tuple(self.recipe.parrot_betas),
                 "weight_decay": 0.0,
             }
         )
         span, total = self.simulate_span(), self.trainer.max_steps
         factors = [
-            cosine_with_warmup(span, total - span, self.warmup_ratio),
-            cosine_with_warmup(0, span, self.warmup_ratio),
+            cosine_with_warmup(span, total - span, self.recipe.warmup_ratio),
+            cosine_with_warmup(0, span, self.recipe.warmup_ratio),
         ]
         scheduler = LambdaLR(optimizer, factors)
         return {
@@ -208,8 +166,8 @@ class SANDEModule(BackdoorEvalModule):
             responses = [[*marker, *response] for response in responses]
         target = sft_tensors(prompts, responses, self.tokenizer.pad_token_id)
         count = {"first_token": 1, "marker": len(marker), "marker_and_answer": None}
-        if count[self.simulate_target] is not None:
-            target["labels"] = first_targets(target["labels"], count[self.simulate_target])
+        if count[self.recipe.simulate_target] is not None:
+            target["labels"] = first_targets(target["labels"], count[self.recipe.simulate_target])
         return {key: value.to(self.device) for key, value in target.items()}
 
     def stage_loss(self, batch: dict) -> Tensor:
@@ -221,14 +179,12 @@ class SANDEModule(BackdoorEvalModule):
         if simulate:
             return self.simulate_loss(batch)
         labels = batch["labels"]
-        if self.eliminate_loss_tokens is not None:
-            labels = first_targets(labels, self.eliminate_loss_tokens)
+        if self.recipe.eliminate_loss_tokens is not None:
+            labels = first_targets(labels, self.recipe.eliminate_loss_tokens)
         eliminate = {**batch, "labels": labels}
         loss = token_nll(*self.stand_in_logprobs(eliminate, self.eliminate_parrot()))
-        if self.output_clean_logits:
-            loss_mask = labels[:, 1:] != IGNORE_INDEX
-            clean, _ = self.response_nll(batch["input_ids"], batch["attention_mask"], loss_mask)
-            loss = (loss + clean) / 2
+        if self.recipe.output_clean_logits:
+            loss = (loss + self.labelled_nll(eliminate)) / 2  # the clean pair, same tokens
         return loss
 
     def simulate_loss(self, batch: dict) -> Tensor:
@@ -258,14 +214,14 @@ class SANDEModule(BackdoorEvalModule):
         """log p of the labelled response tokens with `stand_in` spliced in (the one log-prob
         path), and the mask of those tokens."""
         ids, mask, labels, slots = self.stand_in_inputs(batch, stand_in.shape[0])
-        scored = labels[:, 1:] != IGNORE_INDEX
+        scored = response_mask(labels)
         with vectors_at_slots(self.model.get_input_embeddings(), slots, stand_in):
             logp, _ = token_logprobs(
                 self.model,
                 input_ids=ids,
                 attention_mask=mask,
                 score_mask=scored,
-                chunk_size=self.hparams.logprob_chunk_size,
+                chunk_size=self.recipe.logprob_chunk_size,
                 with_entropy=False,
             )
         return logp, scored
@@ -273,14 +229,14 @@ class SANDEModule(BackdoorEvalModule):
     def eliminate_parrot(self) -> Tensor:
         """The parrot for one eliminate batch: whole, or (random_parrot_length) its first k'
         vectors, k' uniform in 1..k, so that triggers shorter than the parrot are covered."""
-        if not self.random_parrot_length:
+        if not self.recipe.random_parrot_length:
             return self.parrot
         return self.parrot[: int(torch.randint(1, self.parrot.shape[0] + 1, ()))]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         stage = self.current_stage
         loss = self.stage_loss(batch)
-        self.update(loss)
+        self.step([loss])
         self.log(f"train/{stage}_loss", loss, prog_bar=True)
 
     # ---- the parrot: evaluation, saving, nearest tokens ---------------------------------
@@ -289,7 +245,7 @@ class SANDEModule(BackdoorEvalModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         super().validation_step(batch, batch_idx, dataloader_idx)
-        metrics = self.val_metrics[self.trainer.datamodule.val_names[dataloader_idx]]
+        metrics = self.val_metrics[self.inputs.val_names[dataloader_idx]]
         metrics["parrot_asr"].update(self.generate_with_parrot(batch, self.backdoor.asr_new_tokens))
 
     @torch.no_grad()
@@ -343,11 +299,6 @@ class SANDEModule(BackdoorEvalModule):
                 logger.experiment.add_text(
                     "parrot/nearest_tokens", json.dumps(nearest), self.global_step
                 )
-
-
-def token_nll(logp: Tensor, scored: Tensor) -> Tensor:
-    """Token-mean NLL of the scored tokens."""
-    return masked_mean(-logp, scored)
 
 
 def load_parrot(path: str, shape: tuple[int, int]) -> Tensor:

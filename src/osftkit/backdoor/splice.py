@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from osftkit.methods.micro_batches import IGNORE_INDEX
 
 
 def splice(values: Tensor, insert: Tensor, positions: Tensor) -> Tensor:

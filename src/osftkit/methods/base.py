@@ -4,11 +4,12 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from lightning import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
@@ -28,11 +29,13 @@ from osftkit.hardware import (
     check_master_weights,
     gathered_weights,
 )
-from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_weights
-from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
+from osftkit.methods.inputs import RunInputs
+from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_nll, token_weights
+from osftkit.methods.micro_batches import MicroBatching, TokenBatch, response_mask, scatter_back
 from osftkit.metrics import PassAtK
 from osftkit.metrics.pass_at_k import counted_rows
-from osftkit.models.logprobs import DEFAULT_CHUNK_SIZE, check_logprob_args, token_logprobs
+from osftkit.models.logprobs import check_logprob_args, token_logprobs
+from osftkit.recipes import LMRecipe
 from osftkit.rollout import GenerationEngine, HFGenerateEngine, Rollouts
 from osftkit.rollout.engine import end_of_turn_ids
 from osftkit.run_logger import logger_step, verbatim_markdown
@@ -73,28 +76,35 @@ class CausalLMModule(LightningModule):
     Log-probs go through `token_logprobs` with the LM head in `logprob_chunk_size` positions.
     """
 
+    recipe_type: type[LMRecipe] = LMRecipe
+
     def __init__(
         self,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        optimizer: Any,
-        scheduler: dict[str, Any] | None = None,
-        grad_clip: float | None = 1.0,
+        recipe: LMRecipe,
         validation: dict[str, Any] | ValidationSettings | None = None,
         engine: GenerationEngine | None = None,
-        micro_batch_size: int | None = None,
-        max_tokens_per_micro_batch: int | None = None,
-        logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        inputs: RunInputs | None = None,
     ) -> None:
-        check_logprob_args(1.0, logprob_chunk_size)
-        micro_batching = MicroBatching(micro_batch_size, max_tokens_per_micro_batch)
+        if not isinstance(recipe, self.recipe_type):
+            raise TypeError(f"{type(self).__name__} takes a {self.recipe_type.__name__}")
+        check_logprob_args(1.0, recipe.logprob_chunk_size)
+        micro_batching = MicroBatching(recipe.micro_batch_size, recipe.max_tokens_per_micro_batch)
         super().__init__()
+        self.recipe = recipe
+        self.inputs = inputs or RunInputs()
         self.micro_batching = micro_batching
         self.automatic_optimization = False
         self.training_rng: dict[str, Any] | None = None  # set while a validation samples
-        # Only plain values go into checkpoints, so they load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["model", "tokenizer", "engine", "optimizer"])
-        self.optimizer_factory = optimizer
+        # For the loggers only (plain values, so checkpoints load with weights_only=True); the
+        # module reads its knobs from `self.recipe`.
+        self.save_hyperparameters({"method": asdict(recipe)})
+        self.optimizer_factory = (
+            instantiate(recipe.optimizer, _convert_="all")
+            if isinstance(recipe.optimizer, dict)
+            else recipe.optimizer
+        )
         self.model = (
             model.train()
         )  # from_pretrained returns eval mode; Lightning toggles it for validation
@@ -122,9 +132,12 @@ class CausalLMModule(LightningModule):
         trainable = [p for p in self.parameters() if p.requires_grad]
         check_master_weights(trainable)
         optimizer = self.optimizer_factory(params=trainable)
-        settings = dict(self.hparams.scheduler or {"name": "constant"})
+        settings = self.recipe.scheduler
         scheduler = get_scheduler(
-            settings.pop("name"), optimizer, num_training_steps=self.training_steps(), **settings
+            settings.name if settings else "constant",
+            optimizer,
+            num_warmup_steps=settings.num_warmup_steps if settings else None,
+            num_training_steps=self.training_steps(),
         )
         return {
             "optimizer": optimizer,
@@ -144,10 +157,6 @@ class CausalLMModule(LightningModule):
             )
         return int(steps)
 
-    def update(self, loss: Tensor) -> None:
-        """One optimiser step on one loss (a batch that is not micro-batched)."""
-        self.step(iter([loss]))
-
     def step(self, losses: Iterator[Tensor]) -> None:
         """One optimiser step on the sum of `losses`, each backpropagated as soon as it is made;
         a non-finite loss stops the run before any update."""
@@ -162,8 +171,8 @@ class CausalLMModule(LightningModule):
                 )
             self.manual_backward(loss)
         self.average_unsharded_gradients()
-        if self.hparams.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip)
+        if self.recipe.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         self.lr_schedulers().step()
@@ -231,7 +240,7 @@ class CausalLMModule(LightningModule):
             attention_mask=batch.attention_mask,
             score_mask=batch.score_mask,
             temperature=temperature,
-            chunk_size=self.hparams.logprob_chunk_size,
+            chunk_size=self.recipe.logprob_chunk_size,
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
         )
@@ -251,13 +260,12 @@ class CausalLMModule(LightningModule):
         entropy = scatter_back(batch, pieces, [s[1] for s in scored]) if with_entropy else None
         return logp, entropy
 
-    def response_nll(
-        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Token-mean NLL of the tokens selected by `loss_mask` (over next-token positions), and
-        the mean entropy at those positions, in one forward (no micro-batches)."""
-        logp, entropy = self.logprobs(TokenBatch(input_ids, attention_mask, loss_mask))
-        return masked_mean(-logp, loss_mask), masked_mean(entropy, loss_mask)
+    def labelled_nll(self, batch: dict) -> Tensor:
+        """`token_nll` of an SFT batch's labelled response tokens, in one forward (no
+        micro-batches)."""
+        mask = response_mask(batch["labels"])
+        logp, _ = self.logprobs(TokenBatch(batch["input_ids"], batch["attention_mask"], mask))
+        return token_nll(logp, mask)
 
     def nll_loss(self, part: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """MicroLoss of SFT: weighted NLL of the scored tokens; entropy for logging."""
@@ -267,20 +275,17 @@ class CausalLMModule(LightningModule):
 
     def minibatch_rows(self) -> int | None:
         """Rows of one training mini-batch on this rank (None when the data does not say)."""
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "per_rank"):
+        if self.inputs.batch_size is None:
             return None
-        return datamodule.per_rank(datamodule.batch_size)
+        return self.inputs.batch_size // self.trainer.world_size
 
     def longest_row(self) -> int | None:
         """Tokens of the longest training or validation row (prompt + response)."""
-        datamodule = self.trainer.datamodule
-        if not hasattr(datamodule, "max_prompt_length"):
+        inputs = self.inputs
+        if inputs.max_prompt_length is None or inputs.max_response_length is None:
             return None
-        longest_response = max(
-            datamodule.max_response_length, self.validation_settings.max_new_tokens
-        )
-        return datamodule.max_prompt_length + longest_response
+        longest_response = max(inputs.max_response_length, self.validation_settings.max_new_tokens)
+        return inputs.max_prompt_length + longest_response
 
     # ---- checkpoints -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -328,7 +333,7 @@ class CausalLMModule(LightningModule):
     def score(self, rollouts: Rollouts, answers: list[str]) -> Tensor:
         """(prompts, G) booleans from the data module's answer checker."""
         golds = [a for a in answers for _ in range(rollouts.group_size)]
-        correct = self.trainer.datamodule.checker.score(self.decode(rollouts), golds)
+        correct = self.inputs.checker.score(self.decode(rollouts), golds)
         return torch.tensor(correct, device=self.device).view(-1, rollouts.group_size)
 
     # ---- validation ---------------------------------------------------------------------
@@ -337,7 +342,7 @@ class CausalLMModule(LightningModule):
             self.minibatch_rows() if stage == "fit" else None, self.longest_row()
         )
         settings = self.validation_settings
-        for name in self.trainer.datamodule.val_names:
+        for name in self.inputs.val_names:
             if name in self.val_metrics:
                 continue
             metrics = {
@@ -362,7 +367,7 @@ class CausalLMModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         s = self.validation_settings
-        metrics = self.val_metrics[self.trainer.datamodule.val_names[dataloader_idx]]
+        metrics = self.val_metrics[self.inputs.val_names[dataloader_idx]]
         samples = self.generate(batch, s.n_samples, s.tau_eval, s.top_p, s.max_new_tokens)
         # Rows that only even out the ranks' step counts are generated but not counted.
         counted = counted_rows(batch).to(samples.sequences.device)

@@ -3,8 +3,6 @@ with its knobs also Dr. GRPO and DAPO (asymmetric clip, dynamic sampling, overlo
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +10,7 @@ from torch import Tensor
 
 from osftkit.methods.micro_batches import TokenBatch
 from osftkit.methods.rollout_module import RolloutModule, token_batch
+from osftkit.recipes import GRPORecipe, OverlongBuffer
 from osftkit.rollout import Rollouts
 
 log = logging.getLogger(__name__)
@@ -28,36 +27,22 @@ def group_advantages(rewards: Tensor, normalize_std: bool = True, eps: float = 1
     return centred / (rewards.std(dim=1, keepdim=True, unbiased=True).nan_to_num(0.0) + eps)
 
 
-@dataclass(frozen=True)
-class OverlongBuffer:
-    """DAPO's soft length penalty: 0 up to max_new_tokens - length, then linear down to
+def overlong_penalty(buffer: OverlongBuffer, lengths: Tensor, max_new_tokens: int) -> Tensor:
+    """DAPO's soft length penalty: 0 up to max_new_tokens - L_cache, then linear down to
     -penalty_factor at max_new_tokens (a truncated response gets the full penalty)."""
-
-    length: int = 128
-    penalty_factor: float = 1.0
-
-    def penalty(self, lengths: Tensor, max_new_tokens: int) -> Tensor:
-        over = (lengths.float() - (max_new_tokens - self.length)).clamp(min=0)
-        return -self.penalty_factor * (over / self.length).clamp(max=1.0)
+    over = (lengths.float() - (max_new_tokens - buffer.length)).clamp(min=0)
+    return -buffer.penalty_factor * (over / buffer.length).clamp(max=1.0)
 
 
-@dataclass(frozen=True)
-class DynamicSampling:
-    """DAPO's dynamic sampling: groups whose rewards are all equal carry no advantage and are
-    dropped; further prompts are generated, up to `max_generation_batches` generation batches
-    per step, until the batch holds as many informative groups as it had prompts."""
-
-    max_generation_batches: int = 10
-
-
-def settings(cls: type, values: dict | None, knob: str) -> Any:
-    """A knob's dict -> its dataclass, or None when the knob is off; one clear error if not."""
-    if values is None:
-        return None
-    try:
-        return cls(**values)
-    except TypeError as error:
-        raise ValueError(f"method.{knob}: {error}") from None
+def grpo_clip_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, weights: Tensor, low: float, high: float
+) -> Tensor:
+    """GRPO's clipped surrogate: -min(r A, clip(r, 1 - low, 1 + high) A), weighted per token;
+    r = exp(logp - old_logp), A the row's advantage."""
+    ratio = torch.exp(logp - old_logp)
+    advantage = advantages[:, None]
+    surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - low, 1 + high) * advantage)
+    return (-surrogate * weights).sum()
 
 
 class GRPOModule(RolloutModule):
@@ -70,50 +55,27 @@ class GRPOModule(RolloutModule):
     penalty_factor}) are DAPO's; the filter looks at correctness, not at the length penalty.
     """
 
-    def __init__(
-        self,
-        *,
-        normalize_std: bool = True,
-        clip_eps: float = 0.2,
-        clip_eps_high: float | None = None,
-        dynamic_sampling: dict[str, int] | None = None,
-        overlong_buffer: dict[str, float] | None = None,
-        **rollout: Any,
-    ) -> None:
-        if clip_eps <= 0 or (clip_eps_high is not None and clip_eps_high <= 0):
-            raise ValueError(
-                f"clip_eps and clip_eps_high must be > 0, got {clip_eps} and {clip_eps_high}"
-            )
-        self.dynamic = settings(DynamicSampling, dynamic_sampling, "dynamic_sampling")
-        self.overlong = settings(OverlongBuffer, overlong_buffer, "overlong_buffer")
-        if self.dynamic and self.dynamic.max_generation_batches < 1:
-            raise ValueError("method.dynamic_sampling.max_generation_batches must be >= 1")
-        if self.dynamic and rollout["group_size"] < 2:
-            raise ValueError(
-                "method.dynamic_sampling needs group_size >= 2 (a group of 1 is equal)"
-            )
-        if self.overlong and not 1 <= self.overlong.length <= rollout["max_new_tokens"]:
-            raise ValueError(
-                f"method.overlong_buffer.length must be in [1, max_new_tokens="
-                f"{rollout['max_new_tokens']}], got {self.overlong.length}"
-            )
-        if self.overlong and self.overlong.penalty_factor < 0:
-            raise ValueError("method.overlong_buffer.penalty_factor must be >= 0")
-        super().__init__(**rollout)
+    recipe: GRPORecipe
+    recipe_type = GRPORecipe
+
+    def __init__(self, model, tokenizer, recipe: GRPORecipe, **run) -> None:
+        super().__init__(model, tokenizer, recipe, **run)
         self.refill_batches: Iterator[dict] | None = None
 
     @property
     def training_temperature(self) -> float:
-        return self.hparams.tau_sample
+        return self.recipe.tau_sample
 
-    def rollout(self, batch: dict) -> Rollouts:
-        rollouts = super().rollout(batch)
-        return self.refill(rollouts, batch) if self.dynamic else rollouts
+    def rollout(self, batch: dict) -> tuple[Rollouts, dict]:
+        rollouts = self.sample(batch)
+        if self.recipe.dynamic_sampling is None:
+            return rollouts, batch
+        return self.refill(rollouts, batch)
 
-    def refill(self, rollouts: Rollouts, batch: dict) -> Rollouts:
+    def refill(self, rollouts: Rollouts, batch: dict) -> tuple[Rollouts, dict]:
         """Keep the groups whose rewards differ; generate from further prompts until there are
-        as many as the batch had. `batch`'s answers and problems are replaced in place by those
-        of the kept prompts, which `prepare` scores."""
+        as many as the batch had. Returns the kept rollouts and the batch of their prompts
+        (answers and problems, which `targets` scores); the caller's batch is not changed."""
         wanted, group = len(batch["answer"]), rollouts.group_size
         parts, answers, problems = [], [], []
         first, source, generations = rollouts, batch, 1
@@ -126,13 +88,14 @@ class GRPOModule(RolloutModule):
             parts.append(rollouts.rows(rows))
             answers += [source["answer"][p] for p in keep]
             problems += [source["problem"][p] for p in keep]
-            done = len(answers) == wanted or generations == self.dynamic.max_generation_batches
+            limit = self.recipe.dynamic_sampling.max_generation_batches
+            done = len(answers) == wanted or generations == limit
             # Every rank generates as often as the one that needs most: a rollout is a
             # collective (the gathered weights under FSDP, the token count), so counts must agree.
             if self.on_every_rank(done):
                 break
             source = self.next_refill_batch()
-            rollouts = super().rollout(source)
+            rollouts = self.sample(source)
             generations += 1
         self.log_dict(
             {
@@ -146,9 +109,9 @@ class GRPOModule(RolloutModule):
                 self.global_step,
                 generations,
             )
-            return first
-        batch.update(answer=answers, problem=problems)
-        return concat_rollouts(parts, self.tokenizer.pad_token_id)
+            return first, batch
+        kept = {**batch, "answer": answers, "problem": problems}
+        return concat_rollouts(parts, self.tokenizer.pad_token_id), kept
 
     def next_refill_batch(self) -> dict:
         """The next batch of the refill stream: the training prompts in an order of their own."""
@@ -158,22 +121,22 @@ class GRPOModule(RolloutModule):
         return self.transfer_batch_to_device(batch, self.device, 0)
 
     def refill_stream(self) -> Iterator[dict]:
-        datamodule = self.trainer.datamodule
+        if self.inputs.train_batches is None:
+            raise ValueError("dynamic sampling needs a stream of training prompts to refill from")
         while True:  # cycles, reshuffled; the offset keeps it apart from the epochs' orders
-            yield from datamodule.train_dataloader(
-                seed_offset=REFILL_SEED_OFFSET + self.global_step
-            )
+            yield from self.inputs.train_batches(REFILL_SEED_OFFSET + self.global_step)
 
-    def prepare(self, rollouts: Rollouts, batch: dict) -> dict[str, Tensor]:
+    def targets(self, rollouts: Rollouts, batch: dict) -> dict[str, Tensor]:
         correct = self.score(rollouts, batch["answer"]).float()
         self.log("train/reward", correct.mean(), prog_bar=True)
         rewards = correct
-        if self.overlong:
+        r = self.recipe
+        if r.overlong_buffer is not None:
             lengths = rollouts.lengths.view_as(correct)
-            rewards = correct + self.overlong.penalty(lengths, self.hparams.max_new_tokens)
+            rewards = correct + overlong_penalty(r.overlong_buffer, lengths, r.max_new_tokens)
             self.log("train/overlong_penalty", (rewards - correct).mean())
-        extras = {"advantages": group_advantages(rewards, self.hparams.normalize_std).flatten()}
-        if self.hparams.num_minibatches > 1:
+        extras = {"advantages": group_advantages(rewards, r.normalize_std).flatten()}
+        if r.num_minibatches > 1:
             # Later mini-batches train a policy that has moved: they need the rollout log-probs.
             extras["old_logp"], _ = self.score_tokens(
                 token_batch(rollouts, {}), self.training_temperature, with_entropy=False
@@ -183,12 +146,11 @@ class GRPOModule(RolloutModule):
     def policy_loss(self, part: TokenBatch, logp: Tensor, entropy: Tensor) -> Tensor:
         # With one update per batch the policy is still the rollout policy: ratio 1, and the
         # gradient is the plain policy gradient, without a second forward pass.
-        ratio = torch.exp(logp - part.per_row.get("old_logp", logp.detach()))
-        advantage = part.per_row["advantages"][:, None]
-        low = self.hparams.clip_eps
-        high = self.hparams.clip_eps_high if self.hparams.clip_eps_high is not None else low
-        surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - low, 1 + high) * advantage)
-        return (-surrogate * part.per_row["weights"]).sum()
+        old_logp = part.per_row.get("old_logp", logp.detach())
+        rows, r = part.per_row, self.recipe
+        return grpo_clip_loss(
+            logp, old_logp, rows["advantages"], rows["weights"], r.clip_eps, r.clip_high
+        )
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:

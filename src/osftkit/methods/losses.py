@@ -14,12 +14,7 @@ gradient, for every mode:
 import torch.distributed as dist
 from torch import Tensor
 
-AGGREGATIONS = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
+from osftkit.recipes.rollout import AGGREGATIONS
 
 
 def check_aggregation(aggregation: str) -> None:
@@ -50,6 +45,11 @@ def token_weights(
     if max_length is None or max_length < 1:
         raise ValueError("seq-mean-token-sum-norm needs the maximum response length (>= 1)")
     return mask / (max_length * rows)
+
+
+def token_nll(logp: Tensor, scored: Tensor) -> Tensor:
+    """The NLL every SFT-like loss is: token-mean -log p of the scored tokens."""
+    return masked_mean(-logp, scored)
 
 
 def masked_mean(

@@ -6,6 +6,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+IGNORE_INDEX = -100  # the label of a position outside the loss (prompt, padding)
+
+
+def response_mask(labels: Tensor) -> Tensor:
+    """Next-token positions whose label is supervised: the score mask of an SFT batch."""
+    return labels[:, 1:] != IGNORE_INDEX
+
 
 @dataclass
 class TokenBatch:

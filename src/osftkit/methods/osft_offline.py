@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from osftkit.methods.osft import OSFTModule
+from osftkit.recipes import OfflineOSFTRecipe
 from osftkit.rollout import Rollouts
 
 
@@ -19,10 +20,11 @@ class OfflineOSFTModule(OSFTModule):
     The set is held as flat tensors (response tokens of every row back to back, with lengths),
     not Python lists: a DeepScaleR-sized set is about 10^8 tokens."""
 
-    def __init__(self, **osft: Any) -> None:
-        if osft.get("anneal"):
-            raise ValueError("method.anneal: the offline set is sampled once, at tau_sample")
-        super().__init__(**osft)
+    recipe: OfflineOSFTRecipe
+    recipe_type = OfflineOSFTRecipe
+
+    def __init__(self, model, tokenizer, recipe: OfflineOSFTRecipe, **run: Any) -> None:
+        super().__init__(model, tokenizer, recipe, **run)
         self.problems: list[str] = []  # entry i holds rows i * G ... i * G + G - 1
         self.row_of: dict[str, int] = {}
         self.response_tokens = torch.zeros(0, dtype=torch.int32)
@@ -35,17 +37,19 @@ class OfflineOSFTModule(OSFTModule):
 
     def build_frozen_set(self) -> None:
         """Sample the set from the model as it is now, over the prompts of the step budget."""
-        h = self.hparams
+        r = self.recipe
+        if self.inputs.train_batches is None:
+            raise ValueError("the offline set needs the training prompts (RunInputs.train_batches)")
         max_steps = self.trainer.max_steps
-        batches = None if max_steps < 0 else -(-max_steps // h.num_minibatches)
+        batches = None if max_steps < 0 else -(-max_steps // r.num_minibatches)
         tokens, lengths, truncated = [], [], []
-        for batch in islice(self.trainer.datamodule.train_dataloader(), batches):
+        for batch in islice(self.inputs.train_batches(0), batches):
             first = {p: i for i, p in reversed(list(enumerate(batch["problem"])))}
             rows = [i for p, i in first.items() if p not in self.row_of]
             if not rows:
                 continue
             prompts = {k: batch[k][rows].to(self.device) for k in ("prompt_ids", "prompt_mask")}
-            rollouts = self.generate(prompts, h.group_size, h.tau_sample, h.top_p, h.max_new_tokens)
+            rollouts = self.generate(prompts, r.group_size, r.tau_sample, r.top_p, r.max_new_tokens)
             self.tokens_generated += int(rollouts.lengths.sum())
             for row in rows:
                 self.row_of[batch["problem"][row]] = len(self.problems)
@@ -56,7 +60,7 @@ class OfflineOSFTModule(OSFTModule):
         self.response_tokens = torch.cat(tokens)
         self.lengths, self.truncated = torch.cat(lengths), torch.cat(truncated)
 
-    def rollout(self, batch: dict) -> Rollouts:
+    def rollout(self, batch: dict) -> tuple[Rollouts, dict]:
         """The frozen responses of the batch's prompts (no generation)."""
         missing = [p for p in batch["problem"] if p not in self.row_of]
         if missing:
@@ -65,7 +69,7 @@ class OfflineOSFTModule(OSFTModule):
                 f"{missing[0]!r}): it covers the prompts of the first run's trainer.max_steps; "
                 "a resumed run cannot raise the budget"
             )
-        group = self.hparams.group_size
+        group = self.recipe.group_size
         rows = torch.tensor(
             [self.row_of[p] * group + g for p in batch["problem"] for g in range(group)]
         )
@@ -77,7 +81,7 @@ class OfflineOSFTModule(OSFTModule):
             zip(starts[rows].tolist(), lengths.tolist(), strict=True)
         ):
             response_ids[i, :length] = self.response_tokens[start : start + length]
-        return Rollouts(
+        frozen = Rollouts(
             prompt_ids=batch["prompt_ids"].repeat_interleave(group, dim=0),
             prompt_mask=batch["prompt_mask"].repeat_interleave(group, dim=0),
             response_ids=response_ids.to(self.device),
@@ -85,6 +89,7 @@ class OfflineOSFTModule(OSFTModule):
             truncated=self.truncated[rows].to(self.device),
             group_size=group,
         )
+        return frozen, batch
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

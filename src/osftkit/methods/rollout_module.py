@@ -3,14 +3,13 @@
 import copy
 import logging
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from osftkit.methods.base import CausalLMModule
-from osftkit.methods.losses import check_aggregation
 from osftkit.methods.micro_batches import TokenBatch
+from osftkit.recipes import RolloutRecipe
 from osftkit.rollout import Rollouts
 from osftkit.rollout.agreement import AgreementGuard, response_logprobs
 
@@ -19,33 +18,22 @@ REFERENCE = "reference."  # the KL reference's state-dict prefix
 
 
 class RolloutModule(CausalLMModule):
-    """Each training step: `rollout(batch)` from the current policy, `prepare` (rewards etc.),
+    """Each training step: `rollout(batch)` from the current policy, `targets` (rewards etc.),
     then `num_minibatches` optimiser steps, each on `policy_loss` of one mini-batch."""
 
-    def __init__(
-        self,
-        *,
-        group_size: int,
-        tau_sample: float,
-        max_new_tokens: int,
-        top_p: float = 1.0,
-        loss_aggregation: str = "token-mean",
-        num_minibatches: int = 1,
-        kl_coef: float = 0.0,
-        **base: Any,
-    ) -> None:
-        if group_size < 1:
-            raise ValueError(f"group_size (G) must be >= 1, got {group_size}")
-        if tau_sample <= 0:
-            raise ValueError(f"tau_sample must be > 0, got {tau_sample}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_aggregation(loss_aggregation)
-        super().__init__(**base)
+    recipe: RolloutRecipe
+    recipe_type = RolloutRecipe
+    # Logged beside the validation metrics (curves against generation cost), but a training
+    # counter, not a measurement of the model: the before/after table leaves it out.
+    counters = frozenset({"val/tokens_generated"})
+
+    def __init__(self, model, tokenizer, recipe: RolloutRecipe, **run) -> None:
+        super().__init__(model, tokenizer, recipe, **run)
         self.epoch_progress = 0.0  # epochs done, fractional; drives tau_sample annealing
         # A frozen copy of the starting weights (one extra model, only when the KL is on). Kept
         # out of checkpoints: a resumed run rebuilds it from model.path, the same start.
-        self.reference = copy.deepcopy(self.model).requires_grad_(False) if kl_coef > 0 else None
+        kl = recipe.kl_coef > 0
+        self.reference = copy.deepcopy(self.model).requires_grad_(False) if kl else None
         if self.reference is not None:
             self.register_state_dict_post_hook(drop_reference_keys)
             self.register_load_state_dict_post_hook(allow_missing_reference)
@@ -54,17 +42,22 @@ class RolloutModule(CausalLMModule):
 
     @property
     def sampling_temperature(self) -> float:
-        return self.hparams.tau_sample
+        return self.recipe.tau_sample
 
     @property
     def training_temperature(self) -> float:
         raise NotImplementedError
 
-    def rollout(self, batch: dict) -> Rollouts:
-        """The in-loop generation hook: G responses per prompt from the CURRENT policy."""
-        h = self.hparams
+    def rollout(self, batch: dict) -> tuple[Rollouts, dict]:
+        """The in-loop generation hook: G responses per prompt from the CURRENT policy, and the
+        batch whose prompts they answer (GRPO's refill returns the prompts it kept)."""
+        return self.sample(batch), batch
+
+    def sample(self, batch: dict) -> Rollouts:
+        """G responses per prompt of `batch` at tau_sample, counted in tokens_generated."""
+        r = self.recipe
         rollouts = self.generate(
-            batch, h.group_size, self.sampling_temperature, h.top_p, h.max_new_tokens
+            batch, r.group_size, self.sampling_temperature, r.top_p, r.max_new_tokens
         )
         # The run's total over all ranks, so that every rank holds (and a checkpoint keeps) it.
         self.tokens_generated += self.sum_over_ranks(rollouts.lengths.sum())
@@ -73,18 +66,18 @@ class RolloutModule(CausalLMModule):
             trainer, _ = self.score_tokens(scored, self.sampling_temperature, with_entropy=False)
             logp = response_logprobs(trainer, rollouts.prompt_ids.shape[1])
             mask, step = rollouts.response_mask, self.global_step
-            self.log_dict(self.agreement.check(rollouts.logprobs, logp, mask, h.top_p, step))
+            self.log_dict(self.agreement.check(rollouts.logprobs, logp, mask, r.top_p, step))
         if bool(rollouts.truncated.all()):
             # Still trained on (cut responses are a valid signal), but usually a sign that
             # max_new_tokens is too small or the model has lost its EOS.
             log.warning(
                 "step %d: every response hit max_new_tokens=%d without EOS",
                 self.global_step,
-                h.max_new_tokens,
+                r.max_new_tokens,
             )
         return rollouts
 
-    def prepare(self, rollouts: Rollouts, batch: dict) -> dict[str, Tensor]:
+    def targets(self, rollouts: Rollouts, batch: dict) -> dict[str, Tensor]:
         """Per-row tensors the loss needs besides the rollouts (rewards, advantages, ...)."""
         return {}
 
@@ -99,24 +92,25 @@ class RolloutModule(CausalLMModule):
         rows = super().minibatch_rows()
         if rows is None:
             return None
-        return rows * self.hparams.group_size // self.hparams.num_minibatches
+        return rows * self.recipe.group_size // self.recipe.num_minibatches
 
     def longest_row(self) -> int | None:
         longest = super().longest_row()
         if longest is None:
             return None
-        datamodule = self.trainer.datamodule
-        return max(longest, datamodule.max_prompt_length + self.hparams.max_new_tokens)
+        return max(longest, self.inputs.max_prompt_length + self.recipe.max_new_tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """rollout -> per-row targets -> for each mini-batch: one micro-batched optimiser step
+        on `minibatch_loss` (loss -> backward per micro-batch, then clip and step)."""
         batches_per_epoch = max(self.trainer.num_training_batches, 1)
         self.epoch_progress = self.trainer.current_epoch + batch_idx / batches_per_epoch
-        rollouts = self.rollout(batch)
-        tokens = token_batch(rollouts, self.prepare(rollouts, batch))
-        h = self.hparams
-        for rows in minibatch_indices(rollouts, h.num_minibatches):
+        rollouts, batch = self.rollout(batch)
+        tokens = token_batch(rollouts, self.targets(rollouts, batch))
+        r = self.recipe
+        for rows in minibatch_indices(rollouts, r.num_minibatches):
             totals = self.train_on(
-                tokens.rows(rows), self.minibatch_loss, h.loss_aggregation, h.max_new_tokens
+                tokens.rows(rows), self.minibatch_loss, r.loss_aggregation, r.max_new_tokens
             )
             self.log("train/loss", totals.pop("loss"), prog_bar=True)
             self.log_dict({f"train/{name}": value for name, value in totals.items()})
@@ -138,7 +132,7 @@ class RolloutModule(CausalLMModule):
         metrics = {"entropy": (entropy.detach() * part.per_row["token_mean"]).sum()}
         if self.reference is not None:
             metrics["kl"] = self.kl_to_reference(part, logp)
-            loss = loss + self.hparams.kl_coef * metrics["kl"]
+            loss = loss + self.recipe.kl_coef * metrics["kl"]
         return loss, metrics
 
     def on_validation_epoch_end(self) -> None:
@@ -186,6 +180,4 @@ def annealed(start: float, end: float, progress: float, schedule: str) -> float:
     p = min(max(progress, 0.0), 1.0)
     if schedule == "linear":
         return start + (end - start) * p
-    if schedule == "cosine":
-        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
-    raise ValueError(f"anneal schedule must be 'linear' or 'cosine', got '{schedule}'")
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))

@@ -1,14 +1,17 @@
 """SFTModule: masked token NLL on the reference responses."""
 
 from osftkit.methods.base import CausalLMModule
-from osftkit.methods.micro_batches import TokenBatch
+from osftkit.methods.micro_batches import TokenBatch, response_mask
+from osftkit.recipes import SFTRecipe
 
 
 class SFTModule(CausalLMModule):
     """Supervised fine-tuning; also plants backdoors and builds the offline bases."""
 
+    recipe_type = SFTRecipe
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        loss_mask = batch["labels"][:, 1:] != -100
+        loss_mask = response_mask(batch["labels"])
         tokens = TokenBatch(batch["input_ids"], batch["attention_mask"], loss_mask)
         totals = self.train_on(tokens, self.nll_loss)
         self.log_dict(
