@@ -4,7 +4,7 @@ Layers, top to bottom (a module may import its own layer or lower ones):
   3 entry points: train.py, evaluate.py, plan.py
   2 method rooms: methods/, backdoor/, interpret/
   1 base rooms: rollout/, rewards/, metrics/, data/, models/, results/ (the study store and its
-    statistics, which methods and the studies write to)
+    statistics), recipes/ (the typed method configs, which import nothing of the kit)
   0 shared bottom modules: hardware.py, checkpointing.py, console.py, run_logger.py and the
     package's __init__: they import no other part of the kit (data/ and methods/ use
     checkpointing, methods/ and backdoor/ use hardware, the entry points use all four).
@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "osftkit"
 LAYERS = {
     **dict.fromkeys(("train", "evaluate", "plan"), 3),
     **dict.fromkeys(("methods", "backdoor", "interpret"), 2),
-    **dict.fromkeys(("rollout", "rewards", "metrics", "data", "models", "results"), 1),
+    **dict.fromkeys(("rollout", "rewards", "metrics", "data", "models", "results", "recipes"), 1),
     **dict.fromkeys(("hardware", "checkpointing", "console", "run_logger", ""), 0),
 }
 

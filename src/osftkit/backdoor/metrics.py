@@ -36,10 +36,14 @@ class PerPromptMean(MeanMetric):
         super().__init__(**kwargs)
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
-    def update(self, value: torch.Tensor) -> None:
-        value = torch.as_tensor(value, dtype=torch.float32)
-        super().update(value)
-        self.values.append(value.flatten().to(self.mean_value.device))
+    def update(self, value: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """`weight` 0 leaves a row out (a padded duplicate that only evens out the ranks)."""
+        value = torch.as_tensor(value, dtype=torch.float32).flatten()
+        if weight is None:
+            weight = torch.ones_like(value)
+        weight = torch.as_tensor(weight, dtype=torch.float32).flatten().to(value.device)
+        super().update(value, weight)
+        self.values.append(value[weight > 0].to(self.mean_value.device))
 
     def per_prompt(self) -> list[float]:
         """The values seen since the last reset (this process's share)."""
