@@ -156,13 +156,14 @@ def build_components(
         method = instantiate(cfg.method, _convert_="all", model=loaded.model, **features)
         return loaded, datamodule, method
     datamodule = instantiate(cfg.data, tokenizer=loaded.tokenizer)
-    module = build_method(
-        cfg.method,
-        loaded,
-        validation=OmegaConf.to_container(cfg.validation, resolve=True),
-        engine=instantiate(cfg.engine),
-        inputs=RunInputs.of(datamodule),
-    )
+    with clear_errors():  # a bad engine or recipe value: one line, not Hydra's wrapper
+        module = build_method(
+            cfg.method,
+            loaded,
+            validation=OmegaConf.to_container(cfg.validation, resolve=True),
+            engine=instantiate(cfg.engine),
+            inputs=RunInputs.of(datamodule),
+        )
     return loaded, datamodule, module
 
 
