@@ -1,4 +1,5 @@
-"""evaluate(cfg): validation metrics of a model or checkpoint, optionally over a tau_eval sweep."""
+"""evaluate(cfg): validation metrics of a model or checkpoint, optionally over a tau_eval sweep
+(on the test sets, or with `dev`, SePT's choice of the base's tau on a dev split)."""
 
 import csv
 import logging
@@ -15,6 +16,7 @@ from omegaconf import DictConfig  # noqa: E402
 from osftkit.console import configure_console  # noqa: E402
 from osftkit.hardware import configure_threads  # noqa: E402
 from osftkit.run_logger import close_run_loggers, tensorboard_writers  # noqa: E402
+from osftkit.tau_selection import base_tau_on_dev, validate_at  # noqa: E402
 from osftkit.train import (  # noqa: E402
     build_components,
     build_missing_base,
@@ -48,11 +50,12 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
         load_weights(module, cfg.ckpt_path)
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks"), data=datamodule), loggers)
-    rows = []
-    for tau in cfg.tau_sweep or [cfg.validation.tau_eval]:
-        module.validation_settings.tau_eval = float(tau)
-        metrics = trainer.validate(module, datamodule, verbose=False)[0]
-        rows.append({"tau_eval": float(tau), **{k: float(v) for k, v in metrics.items()}})
+    if cfg.get("dev"):  # the base's tau chosen on a dev split, then scored on the test split
+        rows = base_tau_on_dev(cfg, trainer, module, datamodule, write_results)
+        close_run_loggers(loggers)
+        return rows
+    taus = cfg.tau_sweep or [cfg.validation.tau_eval]
+    rows = [validate_at(trainer, module, datamodule, tau) for tau in taus]
     figure = write_results(rows, Path(cfg.paths.output_dir))
     if figure is not None and trainer.is_global_zero:
         for writer in tensorboard_writers(loggers):
@@ -76,7 +79,8 @@ def write_results(rows: list[dict[str, float]], directory: Path) -> plt.Figure |
     figure = None
     if len(rows) > 1:
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        for key in (k for k in keys if k.startswith("val/pass@") or k == "val/greedy_acc"):
+        plotted = ("val/avg", "val/greedy_acc")
+        for key in (k for k in keys if k.startswith("val/pass@") or k in plotted):
             axis.plot([r["tau_eval"] for r in rows], [r[key] for r in rows], marker="o", label=key)
         axis.set_xlabel("tau_eval")
         axis.set_ylabel("score")

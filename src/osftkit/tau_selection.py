@@ -1,0 +1,71 @@
+"""SePT's protocol for the base model's tau_eval: sweep it on a dev split disjoint from the test
+split, pick the tau with the best AVG there, then score the base on the test split at that tau
+(trained models are scored at tau_eval 1)."""
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+CRITERION = "val/avg"  # SePT picks the base's tau by AVG, the mean of pass@1, 8, 32
+
+
+def validate_at(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, tau: float
+) -> dict[str, float]:
+    """One row of validation metrics at `tau` on `datamodule`'s validation sets."""
+    for name in list(module.val_metrics):  # metrics of another data module's sets would be empty
+        if name not in datamodule.val_names:
+            del module.val_metrics[name]
+    module.validation_settings.tau_eval = float(tau)
+    metrics = trainer.validate(module, datamodule, verbose=False)[0]
+    return {"tau_eval": float(tau), **{k: float(v) for k, v in metrics.items()}}
+
+
+def dev_datamodule(cfg: DictConfig, test: L.LightningDataModule) -> L.LightningDataModule:
+    """The test data module's settings with `cfg.dev` as its validation sets and no training."""
+    if not cfg.get("tau_sweep"):
+        raise ValueError("dev: the dev split chooses tau_eval, so it needs tau_sweep=[...]")
+    data = cfg.data.copy()
+    with open_dict(data):  # replaced, not merged: a dev set shares no keys with a test set
+        data.train, data.val = None, cfg.dev
+    return instantiate(data, tokenizer=test.tokenizer)
+
+
+def best_tau(rows: list[dict[str, float]]) -> float:
+    """The tau with the highest AVG (the lowest tau among ties: the sweep is sorted)."""
+    return max(sorted(rows, key=lambda r: r["tau_eval"]), key=lambda r: r[CRITERION])["tau_eval"]
+
+
+def base_tau_on_dev(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    test: L.LightningDataModule,
+    write_results: Callable[[list[dict[str, float]], Path], object],
+) -> list[dict[str, float]]:
+    """Sweep tau_sweep on the dev sets (written to dev_sweep/), choose tau by AVG, score the test
+    sets at it (eval.csv); base_tau.json holds the choice and both rows. Returns the test row."""
+    dev = dev_datamodule(cfg, test)
+    sweep = [validate_at(trainer, module, dev, tau) for tau in cfg.tau_sweep]
+    out = Path(cfg.paths.output_dir)
+    write_results(sweep, out / "dev_sweep")
+    tau = best_tau(sweep)
+    row = validate_at(trainer, module, test, tau)
+    write_results([row], out)
+    chosen = {
+        "tau_eval": tau,
+        "criterion": CRITERION,
+        "dev": next(r for r in sweep if r["tau_eval"] == tau),
+        "test": row,
+        "dev_sets": list(dev.val_names),
+        "test_sets": list(test.val_names),
+    }
+    (out / "base_tau.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    log.info("Base tau_eval %.2f chosen on dev by %s; test %s", tau, CRITERION, row[CRITERION])
+    return [row]

@@ -1,0 +1,91 @@
+"""SePT's base-tau protocol: a dev split disjoint from the test split chooses tau_eval by AVG."""
+
+import json
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from osftkit.data import build_arithmetic, disjoint_rows
+from osftkit.evaluate import evaluate
+from osftkit.tau_selection import best_tau
+from osftkit.train import compose_train_config
+from tests.conftest import FAST, compose_config
+
+
+def sweep_cfg(tmp_path, *extra: str):
+    cfg = compose_train_config([*FAST, "protocol=base_tau_sweep_arith", *extra], config_name="eval")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.model_dir = str(tmp_path / "models")
+    return cfg
+
+
+def test_the_arithmetic_dev_split_is_disjoint_from_the_test_split(tmp_path):
+    cfg = sweep_cfg(tmp_path)
+    dev = instantiate(cfg.dev.arithmetic)()
+    test = instantiate(cfg.data.val.arithmetic)()
+    assert len(dev) == cfg.dev.arithmetic.size
+    assert not set(dev["problem"]) & set(test["problem"])
+    assert dev["problem"] != instantiate(cfg.dev.arithmetic)()["problem"][::-1]  # not reordered
+    assert dev["problem"] == instantiate(cfg.dev.arithmetic)()["problem"]  # seeded
+
+
+def test_a_dev_split_can_avoid_the_training_set_too():
+    def make(split, size):
+        return lambda: build_arithmetic(split, size, num_ops=3, operand_max=20)
+
+    dev = disjoint_rows(make("dev", 200), [make("train", 500), make("val", 100)], size=150)
+    others = set(make("train", 500)()["problem"]) | set(make("val", 100)()["problem"])
+    assert len(dev) == 150 and not set(dev["problem"]) & others
+
+
+def test_too_small_a_source_is_one_clear_error():
+    def make(split, size):
+        return lambda: build_arithmetic(split, size)
+
+    with pytest.raises(ValueError, match=r"rows are outside the excluded sets, 100 asked"):
+        disjoint_rows(make("dev", 100), [make("train", 20000)], size=100)
+
+
+def test_best_tau_maximises_avg_and_breaks_ties_low():
+    rows = [{"tau_eval": t, "val/avg": a} for t, a in [(1.0, 0.5), (0.2, 0.7), (0.6, 0.7)]]
+    assert best_tau(rows) == 0.2
+
+
+def test_a_dev_sweep_chooses_tau_then_scores_the_test_split(tmp_path):
+    cfg = sweep_cfg(tmp_path, "tau_sweep=[0.0,1.0]", "dev.arithmetic.size=8")
+    rows = evaluate(cfg)
+    run = tmp_path / "run"
+    chosen = json.loads((run / "base_tau.json").read_text())
+    sweep = (run / "dev_sweep" / "eval.csv").read_text().splitlines()
+    assert len(sweep) == 3 and (run / "dev_sweep" / "tau_sweep.png").exists()
+    assert chosen["tau_eval"] in (0.0, 1.0) and chosen["criterion"] == "val/avg"
+    assert rows == [chosen["test"]] and rows[0]["tau_eval"] == chosen["tau_eval"]
+    dev_avg = {float(line.split(",")[0]): line for line in sweep[1:]}
+    assert chosen["dev"]["val/avg"] == max(
+        float(line.split(",")[sweep[0].split(",").index("val/avg")]) for line in dev_avg.values()
+    )
+
+
+def test_a_dev_split_without_a_sweep_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs tau_sweep"):
+        evaluate(sweep_cfg(tmp_path, "tau_sweep=null", "dev.arithmetic.size=8"))
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        "osft_qwen_math_7b_dsr",
+        "osft_qwen_math_1p5b_dsr",
+        "grpo_qwen_math_7b_dsr",
+        "sept_qwen_math_7b_dsr",
+    ],
+)
+def test_the_qwen_presets_validate_with_septs_protocol(experiment, tmp_path):
+    """n = 32 at tau_eval 1 with pass@1, 8, 32 (and val/avg, their mean); the offline presets
+    keep train.yaml's n = 8."""
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    assert (cfg.validation.n_samples, list(cfg.validation.ks)) == (32, [1, 8, 32])
+    assert cfg.validation.tau_eval == 1.0
+    assert compose_config(["experiment=osft_arith"], tmp_path).validation.n_samples == 8
