@@ -14,9 +14,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from osftkit.console import configure_console  # noqa: E402
+from osftkit.eval_protocol import attach_recorder, base_tau_on_dev, validate_at  # noqa: E402
 from osftkit.hardware import configure_threads  # noqa: E402
 from osftkit.run_logger import close_run_loggers, tensorboard_writers  # noqa: E402
-from osftkit.tau_selection import base_tau_on_dev, validate_at  # noqa: E402
 from osftkit.train import (  # noqa: E402
     build_components,
     build_missing_base,
@@ -48,6 +48,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     _, datamodule, module = build_components(cfg)
     if cfg.get("ckpt_path"):
         load_weights(module, cfg.ckpt_path)
+    attach_recorder(cfg, module, datamodule)  # store=<dir>: per-problem records of each tau
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks"), data=datamodule), loggers)
     if cfg.get("dev"):  # the base's tau chosen on a dev split, then scored on the test split

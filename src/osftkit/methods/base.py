@@ -362,7 +362,12 @@ class CausalLMModule(LightningModule):
         s = self.validation_settings
         metrics = self.val_metrics[self.trainer.datamodule.val_names[dataloader_idx]]
         samples = self.generate(batch, s.n_samples, s.tau_eval, s.top_p, s.max_new_tokens)
-        metrics["pass"].update(self.score(samples, batch["answer"]))
+        correct = self.score(samples, batch["answer"])
+        metrics["pass"].update(correct)
+        sink = getattr(self, "outcome_sink", None)  # eval.py's per-problem records (store=...)
+        if sink is not None:
+            name = self.trainer.datamodule.val_names[dataloader_idx]
+            sink(name, batch["answer"], correct, samples.lengths, self.decode(samples))
         metrics["response_length"].update(samples.lengths.float())
         scored = TokenBatch(samples.sequences, samples.attention_mask, samples.loss_mask)
         _, entropy = self.score_tokens(scored)

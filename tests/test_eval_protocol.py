@@ -7,18 +7,26 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from osftkit.data import build_arithmetic, disjoint_rows
+from osftkit.eval_protocol import best_tau
 from osftkit.evaluate import evaluate
-from osftkit.tau_selection import best_tau
+from osftkit.results.rescore import read_samples, rescore
+from osftkit.results.store import ResultStore
+from osftkit.rewards import AnswerChecker
 from osftkit.train import compose_train_config
 from tests.conftest import FAST, compose_config
 
 
-def sweep_cfg(tmp_path, *extra: str):
-    cfg = compose_train_config([*FAST, "protocol=base_tau_sweep_arith", *extra], config_name="eval")
+def eval_cfg(tmp_path, *overrides: str):
+    """eval.py's config on the fast tiny setup, writing under tmp_path."""
+    cfg = compose_train_config([*FAST, *overrides], config_name="eval")
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.paths.model_dir = str(tmp_path / "models")
     return cfg
+
+
+def sweep_cfg(tmp_path, *extra: str):
+    return eval_cfg(tmp_path, "protocol=base_tau_sweep_arith", *extra)
 
 
 def test_the_arithmetic_dev_split_is_disjoint_from_the_test_split(tmp_path):
@@ -89,3 +97,33 @@ def test_the_qwen_presets_validate_with_septs_protocol(experiment, tmp_path):
     assert (cfg.validation.n_samples, list(cfg.validation.ks)) == (32, [1, 8, 32])
     assert cfg.validation.tau_eval == 1.0
     assert compose_config(["experiment=osft_arith"], tmp_path).validation.n_samples == 8
+
+
+def test_eval_writes_per_problem_records_that_another_grader_can_rescore(tmp_path):
+    """store=<dir>: one stamped record per tau with per-problem outcomes; store_samples adds
+    every sample, and re-scoring them with the same grader agrees on all of them."""
+    store = tmp_path / "store"
+    cfg = eval_cfg(tmp_path, "tau_sweep=[0.0,1.0]", f"store={store}", "store_samples=true")
+    rows = evaluate(cfg)
+    records = ResultStore(store).records()
+    assert [r["arm"] for r in records] == ["test tau_eval=0", "test tau_eval=1"]
+    for record, row in zip(records, rows, strict=True):
+        problems = record["problems"]
+        assert len(problems) == 8 and {p["n"] for p in problems} == {2}
+        assert [p["id"] for p in problems] == [f"arithmetic/{i}" for i in range(8)]
+        assert all(len(p["lengths"]) == 2 for p in problems)
+        pass1 = sum(p["correct"] / p["n"] for p in problems) / len(problems)
+        assert pass1 == pytest.approx(row["val/pass@1"])
+        assert record["seed"] == 0 and record["table"] == "eval" and record["commit"]
+        samples = read_samples(store / record["samples"])
+        assert len(samples) == 16 and sum(s["correct"] for s in samples) == sum(
+            p["correct"] for p in problems
+        )
+        assert rescore(samples, AnswerChecker(extract="boxed", compare="exact")).rate == 1.0
+
+
+def test_without_store_samples_a_record_has_outcomes_only(tmp_path):
+    store = tmp_path / "store"
+    evaluate(eval_cfg(tmp_path, f"store={store}"))
+    (record,) = ResultStore(store).records()
+    assert record["samples"] is None and len(record["problems"]) == 8

@@ -1,6 +1,7 @@
-"""SePT's protocol for the base model's tau_eval: sweep it on a dev split disjoint from the test
-split, pick the tau with the best AVG there, then score the base on the test split at that tau
-(trained models are scored at tau_eval 1)."""
+"""eval.py's protocol pieces. SePT's choice of the base model's tau_eval: sweep it on a dev split
+disjoint from the test split, pick the tau with the best AVG there, then score the base on the
+test split at that tau (trained models are scored at tau_eval 1). And per-problem records of
+each validation in a results store (`store=<dir>`), which another grader can re-score."""
 
 import json
 import logging
@@ -9,22 +10,57 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from osftkit.results.outcomes import OutcomeRecorder
+from osftkit.results.store import ResultStore, config_hash
 
 log = logging.getLogger(__name__)
 CRITERION = "val/avg"  # SePT picks the base's tau by AVG, the mean of pass@1, 8, 32
 
 
 def validate_at(
-    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, tau: float
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    tau: float,
+    split: str = "test",
 ) -> dict[str, float]:
-    """One row of validation metrics at `tau` on `datamodule`'s validation sets."""
+    """One row of validation metrics at `tau` on `datamodule`'s validation sets (recorded in
+    the store when `attach_recorder` gave the module one)."""
     for name in list(module.val_metrics):  # metrics of another data module's sets would be empty
         if name not in datamodule.val_names:
             del module.val_metrics[name]
     module.validation_settings.tau_eval = float(tau)
+    recorder = getattr(module, "outcome_sink", None)
+    if recorder is not None:
+        recorder.reset()
     metrics = trainer.validate(module, datamodule, verbose=False)[0]
-    return {"tau_eval": float(tau), **{k: float(v) for k, v in metrics.items()}}
+    row = {"tau_eval": float(tau), **{k: float(v) for k, v in metrics.items()}}
+    if recorder is not None:
+        recorder.add_record(row, split)
+    return row
+
+
+def attach_recorder(
+    cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule
+) -> OutcomeRecorder | None:
+    """With `store=<dir>`, the module hands each validation batch to a recorder that writes one
+    record per validation to the ResultStore there (every sample too with store_samples)."""
+    if not cfg.get("store"):
+        return None
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    stamp = {
+        "table": cfg.task_name,
+        "seed": cfg.seed,
+        "config_hash": config_hash(resolved),
+        "base_model": str(cfg.get("ckpt_path") or cfg.model.get("path") or cfg.model._target_),
+    }
+    store = ResultStore(Path(cfg.store))
+    module.outcome_sink = OutcomeRecorder(
+        store, stamp, datamodule.checker.extract, bool(cfg.store_samples)
+    )
+    return module.outcome_sink
 
 
 def dev_datamodule(cfg: DictConfig, test: L.LightningDataModule) -> L.LightningDataModule:
@@ -52,7 +88,7 @@ def base_tau_on_dev(
     """Sweep tau_sweep on the dev sets (written to dev_sweep/), choose tau by AVG, score the test
     sets at it (eval.csv); base_tau.json holds the choice and both rows. Returns the test row."""
     dev = dev_datamodule(cfg, test)
-    sweep = [validate_at(trainer, module, dev, tau) for tau in cfg.tau_sweep]
+    sweep = [validate_at(trainer, module, dev, tau, split="dev") for tau in cfg.tau_sweep]
     out = Path(cfg.paths.output_dir)
     write_results(sweep, out / "dev_sweep")
     tau = best_tau(sweep)
