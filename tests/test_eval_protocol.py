@@ -1,13 +1,14 @@
 """SePT's base-tau protocol: a dev split disjoint from the test split chooses tau_eval by AVG."""
 
 import json
+import sys
 
 import pytest
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from osftkit.data import build_arithmetic, disjoint_rows
-from osftkit.eval_protocol import best_tau
+from osftkit.eval_protocol import best_tau, check_after_eval
 from osftkit.evaluate import evaluate
 from osftkit.results.rescore import read_samples, rescore
 from osftkit.results.store import ResultStore
@@ -127,3 +128,35 @@ def test_without_store_samples_a_record_has_outcomes_only(tmp_path):
     evaluate(eval_cfg(tmp_path, f"store={store}"))
     (record,) = ResultStore(store).records()
     assert record["samples"] is None and len(record["problems"]) == 8
+
+
+def test_rescore_with_a_second_grader_reports_agreement(tmp_path):
+    store = tmp_path / "store"
+    cfg = eval_cfg(tmp_path, f"store={store}", "store_samples=true", "rescore_with=sept")
+    evaluate(cfg)
+    report = json.loads((tmp_path / "run" / "rescore.json").read_text())
+    (arm,) = report.values()
+    assert (arm["first"], arm["second"], arm["samples"]) == ("exact", "sept", 16)
+    assert arm["agree"] + arm["only_first"] + arm["only_second"] == 16
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rescore_with=sept"], "set store=<dir> store_samples=true"),
+        (["store=x", "store_samples=true", "rescore_with=nope"], "rescore_with must be one of"),
+        (["general_domain={limit: 2}"], "hands lm-eval a model directory"),
+    ],
+)
+def test_after_eval_options_fail_with_one_clear_message(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        evaluate(eval_cfg(tmp_path, *overrides))
+
+
+def test_general_domain_without_lm_eval_is_one_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    cfg = eval_cfg(tmp_path, "general_domain={limit: 2}")
+    with open_dict(cfg):
+        cfg.model.path = str(tmp_path / "model")
+    with pytest.raises(ValueError, match="needs lm-evaluation-harness, which is not installed"):
+        check_after_eval(cfg)

@@ -12,8 +12,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from osftkit.results.general_domain import general_domain_eval
 from osftkit.results.outcomes import OutcomeRecorder
+from osftkit.results.rescore import read_samples, rescore
 from osftkit.results.store import ResultStore, config_hash
+from osftkit.rewards.verify import COMPARATORS, AnswerChecker
 
 log = logging.getLogger(__name__)
 CRITERION = "val/avg"  # SePT picks the base's tau by AVG, the mean of pass@1, 8, 32
@@ -105,3 +108,54 @@ def base_tau_on_dev(
     (out / "base_tau.json").write_text(json.dumps(chosen, indent=2) + "\n")
     log.info("Base tau_eval %.2f chosen on dev by %s; test %s", tau, CRITERION, row[CRITERION])
     return [row]
+
+
+def check_after_eval(cfg: DictConfig) -> None:
+    """One clear message, before any validation, for an after-eval option that cannot run."""
+    if cfg.get("rescore_with") and not (cfg.get("store") and cfg.get("store_samples")):
+        raise ValueError(
+            "rescore_with re-scores stored samples: set store=<dir> store_samples=true"
+        )
+    if cfg.get("rescore_with") and cfg.rescore_with not in COMPARATORS:
+        raise ValueError(
+            f"rescore_with must be one of {sorted(COMPARATORS)}, got '{cfg.rescore_with}'"
+        )
+    if cfg.get("general_domain"):
+        if cfg.get("ckpt_path") or not cfg.model.get("path"):
+            raise ValueError(
+                "general_domain hands lm-eval a model directory (model.path); export a "
+                "checkpoint first (train.py export_dir=...)"
+            )
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "general_domain needs lm-evaluation-harness, which is not installed: "
+                "pip install lm-eval (or the kit's dev extra)"
+            ) from None
+
+
+def after_eval(cfg: DictConfig, recorder: OutcomeRecorder | None, checker: AnswerChecker) -> None:
+    """rescore_with: this run's stored samples re-scored by that grader (rescore.json);
+    general_domain: lm-eval's tasks on the model directory (general_domain.json)."""
+    out = Path(cfg.paths.output_dir)
+    if cfg.get("rescore_with") and recorder is not None:
+        second = AnswerChecker(extract=checker.settings[0], compare=cfg.rescore_with)
+        report = {}
+        for record in recorder.written:
+            result = rescore(read_samples(recorder.store.directory / record["samples"]), second)
+            log.info("%s: %s", record["arm"], result.summary(cfg.rescore_with))
+            report[record["arm"]] = {
+                "first": checker.settings[1],
+                "second": cfg.rescore_with,
+                "samples": result.total,
+                "agree": result.agree,
+                "rate": result.rate,
+                "only_first": result.only_first,
+                "only_second": result.only_second,
+            }
+        (out / "rescore.json").write_text(json.dumps(report, indent=2) + "\n")
+    if cfg.get("general_domain"):
+        settings = OmegaConf.to_container(cfg.general_domain, resolve=True)
+        results = general_domain_eval(Path(cfg.model.path), **settings)
+        (out / "general_domain.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

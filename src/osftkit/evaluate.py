@@ -14,7 +14,13 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from osftkit.console import configure_console  # noqa: E402
-from osftkit.eval_protocol import attach_recorder, base_tau_on_dev, validate_at  # noqa: E402
+from osftkit.eval_protocol import (  # noqa: E402
+    after_eval,
+    attach_recorder,
+    base_tau_on_dev,
+    check_after_eval,
+    validate_at,
+)
 from osftkit.hardware import configure_threads  # noqa: E402
 from osftkit.run_logger import close_run_loggers, tensorboard_writers  # noqa: E402
 from osftkit.train import (  # noqa: E402
@@ -48,20 +54,21 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     _, datamodule, module = build_components(cfg)
     if cfg.get("ckpt_path"):
         load_weights(module, cfg.ckpt_path)
-    attach_recorder(cfg, module, datamodule)  # store=<dir>: per-problem records of each tau
+    check_after_eval(cfg)  # before the validations: a missing lm-eval stops here
+    recorder = attach_recorder(cfg, module, datamodule)  # store=<dir>: records of each tau
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks"), data=datamodule), loggers)
     if cfg.get("dev"):  # the base's tau chosen on a dev split, then scored on the test split
         rows = base_tau_on_dev(cfg, trainer, module, datamodule, write_results)
-        close_run_loggers(loggers)
-        return rows
-    taus = cfg.tau_sweep or [cfg.validation.tau_eval]
-    rows = [validate_at(trainer, module, datamodule, tau) for tau in taus]
-    figure = write_results(rows, Path(cfg.paths.output_dir))
-    if figure is not None and trainer.is_global_zero:
-        for writer in tensorboard_writers(loggers):
-            writer.add_figure("eval/tau_sweep", figure, global_step=0)
+    else:
+        taus = cfg.tau_sweep or [cfg.validation.tau_eval]
+        rows = [validate_at(trainer, module, datamodule, tau) for tau in taus]
+        figure = write_results(rows, Path(cfg.paths.output_dir))
+        if figure is not None and trainer.is_global_zero:
+            for writer in tensorboard_writers(loggers):
+                writer.add_figure("eval/tau_sweep", figure, global_step=0)
     close_run_loggers(loggers)
+    after_eval(cfg, recorder, datamodule.checker)  # rescore_with, general_domain
     return rows
 
 

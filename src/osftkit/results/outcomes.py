@@ -25,6 +25,7 @@ class OutcomeRecorder:
     ) -> None:
         self.store, self.stamp, self.extract = store, dict(stamp), extract
         self.store_samples = store_samples
+        self.written: list[dict[str, Any]] = []  # this run's records
         self.reset()
 
     def reset(self) -> None:
@@ -71,5 +72,6 @@ class OutcomeRecorder:
             root=Path(__file__).resolve().parent,
             **self.stamp,
         )
+        self.written.append(record)
         self.reset()
         return record
