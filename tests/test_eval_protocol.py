@@ -160,3 +160,28 @@ def test_general_domain_without_lm_eval_is_one_clear_message(tmp_path, monkeypat
         cfg.model.path = str(tmp_path / "model")
     with pytest.raises(ValueError, match="needs lm-evaluation-harness, which is not installed"):
         check_after_eval(cfg)
+
+
+def test_the_deepscaler_dev_split_avoids_the_benchmarks(tmp_path):
+    """protocol=base_tau_sweep_dsr, read from local files: the dev rows are training problems
+    that none of the test sets holds."""
+    rows = [{"problem": f"p{i}", "answer": str(i)} for i in range(12)]
+    tables = {"train": rows, "math500": rows[:3], "aime24": rows[5:6], "amc23": rows[11:]}
+    overrides = [
+        "experiment=osft_qwen_math_7b_dsr",
+        "protocol=base_tau_sweep_dsr",
+        f"data.train.path={tmp_path / 'train.jsonl'}",
+        *(
+            f"data.val.{name}.path={tmp_path / name}.jsonl"
+            for name in ("math500", "aime24", "amc23")
+        ),
+        "dev.dsr_dev.size=7",
+    ]
+    cfg = compose_train_config(overrides, config_name="eval")
+    for name, table in tables.items():
+        columns = (cfg.data.train if name == "train" else cfg.data.val[name]).columns
+        source = [{columns[key]: row[key] for key in ("problem", "answer")} for row in table]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in source))
+    dev = instantiate(cfg.dev.dsr_dev)()
+    assert dev["problem"] == ["p3", "p4", "p6", "p7", "p8", "p9", "p10"]
+    assert cfg.tau_sweep[-1] == 1.6 and len(cfg.tau_sweep) == 17
