@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -185,3 +186,22 @@ def test_the_deepscaler_dev_split_avoids_the_benchmarks(tmp_path):
     dev = instantiate(cfg.dev.dsr_dev)()
     assert dev["problem"] == ["p3", "p4", "p6", "p7", "p8", "p9", "p10"]
     assert cfg.tau_sweep[-1] == 1.6 and len(cfg.tau_sweep) == 17
+
+
+def test_general_domain_runs_lm_eval_on_the_model_directory(tmp_path):
+    pytest.importorskip("lm_eval")
+    from osftkit.models.tiny import TinyQwen2Spec, save_tiny
+
+    model_dir = tmp_path / "model"
+    save_tiny(TinyQwen2Spec(hidden_size=32, num_hidden_layers=1, intermediate_size=64), model_dir)
+    tasks = Path(__file__).parent / "data" / "lm_eval"
+    cfg = eval_cfg(
+        tmp_path,
+        "model=arith_base",
+        f"model.path={model_dir}",
+        f"general_domain={{tasks: [osftkit_arith_choice], include_path: {tasks}, limit: 4}}",
+    )
+    evaluate(cfg)
+    results = json.loads((tmp_path / "run" / "general_domain.json").read_text())
+    assert results["osftkit_arith_choice"]["sample_len"] == 4  # limit reached lm-eval
+    assert 0.0 <= results["osftkit_arith_choice"]["acc,none"] <= 1.0

@@ -157,5 +157,9 @@ def after_eval(cfg: DictConfig, recorder: OutcomeRecorder | None, checker: Answe
         (out / "rescore.json").write_text(json.dumps(report, indent=2) + "\n")
     if cfg.get("general_domain"):
         settings = OmegaConf.to_container(cfg.general_domain, resolve=True)
-        results = general_domain_eval(Path(cfg.model.path), **settings)
+        try:
+            results = general_domain_eval(Path(cfg.model.path), **settings)
+        except ImportError as error:  # a task's own dependency (IFEval needs langdetect, ...)
+            message = f"general_domain: an lm-eval task needs a missing package: {error}"
+            raise ValueError(message) from None
         (out / "general_domain.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
