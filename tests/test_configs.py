@@ -31,7 +31,10 @@ from osftkit.train import (
 )
 from tests.conftest import CONFIG_DIR, compose_config
 
-GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+# protocol: eval.py's presets (tests/test_eval_protocol.py composes them with eval.yaml)
+GROUPS = sorted(
+    p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "protocol")
+)
 
 
 def options(group: str) -> list[str]:

@@ -1,7 +1,7 @@
 """The kit's import graph: no cycles, and rooms import only downward (DESIGN.md's layers).
 
 Layers, top to bottom (a module may import its own layer or lower ones):
-  3 entry points: train.py, evaluate.py, plan.py
+  3 entry points: train.py, evaluate.py (and its eval_protocol.py), plan.py
   2 method rooms: methods/, backdoor/, interpret/
   1 base rooms: rollout/, rewards/, metrics/, data/, models/, results/ (the study store and its
     statistics), recipes/ (the typed method configs, which import nothing of the kit)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "osftkit"
 LAYERS = {
-    **dict.fromkeys(("train", "evaluate", "plan"), 3),
+    **dict.fromkeys(("train", "evaluate", "eval_protocol", "plan"), 3),
     **dict.fromkeys(("methods", "backdoor", "interpret"), 2),
     **dict.fromkeys(("rollout", "rewards", "metrics", "data", "models", "results", "recipes"), 1),
     **dict.fromkeys(("hardware", "checkpointing", "console", "run_logger", ""), 0),

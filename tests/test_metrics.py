@@ -23,6 +23,20 @@ def test_pass_at_k_matches_subset_enumeration(k):
     assert metric.compute()[f"pass@{k}"].item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_avg_is_the_mean_of_the_configured_pass_at_k():
+    """SePT's AVG: (pass@1 + pass@8 + pass@32) / 3, here on two problems of 32 samples."""
+    correct = torch.zeros(2, 32, dtype=torch.bool)
+    correct[0, :16] = True  # problem 0: 16 of 32 right; problem 1: none
+    metric = PassAtK([32, 1, 8])
+    metric.update(correct)
+    scores = metric.compute()
+    # pass@8 of problem 0: 1 - C(16, 8) / C(32, 8); problem 1 adds 0 to the mean.
+    expected = {1: 0.25, 8: (1 - 12870 / 10518300) / 2, 32: 0.5}
+    assert scores["pass@1"].item() == pytest.approx(expected[1])
+    assert scores["pass@32"].item() == pytest.approx(expected[32])
+    assert scores["avg"].item() == pytest.approx(sum(expected.values()) / 3, abs=1e-6)
+
+
 def test_pass_at_k_edge_cases():
     n = torch.tensor([4, 4, 4])
     assert pass_at_k(n, torch.tensor([0, 4, 1]), 1).tolist() == pytest.approx([0.0, 1.0, 0.25])

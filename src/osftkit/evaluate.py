@@ -1,4 +1,5 @@
-"""evaluate(cfg): validation metrics of a model or checkpoint, optionally over a tau_eval sweep."""
+"""evaluate(cfg): validation metrics of a model or checkpoint, optionally over a tau_eval sweep
+(on the test sets, or with `dev`, SePT's choice of the base's tau on a dev split)."""
 
 import csv
 import logging
@@ -12,6 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from osftkit.eval_protocol import (  # noqa: E402
+    after_eval,
+    attach_recorder,
+    base_tau_on_dev,
+    check_after_eval,
+    validate_at,
+)
 from osftkit.run_logger import close_run_loggers, tensorboard_writers  # noqa: E402
 from osftkit.train import (  # noqa: E402
     build_components,
@@ -39,18 +47,21 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
     _, datamodule, module = build_components(cfg)
     if cfg.get("ckpt_path"):
         load_weights(module, cfg.ckpt_path)
+    check_after_eval(cfg)  # before the validations: a missing lm-eval stops here
+    recorder = attach_recorder(cfg, module, datamodule)  # store=<dir>: records of each tau
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, instantiate_group(cfg.get("callbacks"), data=datamodule), loggers)
-    rows = []
-    for tau in cfg.tau_sweep or [cfg.validation.tau_eval]:
-        module.validation_settings.tau_eval = float(tau)
-        metrics = trainer.validate(module, datamodule, verbose=False)[0]
-        rows.append({"tau_eval": float(tau), **{k: float(v) for k, v in metrics.items()}})
-    figure = write_results(rows, Path(cfg.paths.output_dir))
-    if figure is not None and trainer.is_global_zero:
-        for writer in tensorboard_writers(loggers):
-            writer.add_figure("eval/tau_sweep", figure, global_step=0)
+    if cfg.get("dev"):  # the base's tau chosen on a dev split, then scored on the test split
+        rows = base_tau_on_dev(cfg, trainer, module, datamodule, write_results)
+    else:
+        taus = cfg.tau_sweep or [cfg.validation.tau_eval]
+        rows = [validate_at(trainer, module, datamodule, tau) for tau in taus]
+        figure = write_results(rows, Path(cfg.paths.output_dir))
+        if figure is not None and trainer.is_global_zero:
+            for writer in tensorboard_writers(loggers):
+                writer.add_figure("eval/tau_sweep", figure, global_step=0)
     close_run_loggers(loggers)
+    after_eval(cfg, recorder, datamodule.checker)  # rescore_with, general_domain
     return rows
 
 
@@ -69,7 +80,8 @@ def write_results(rows: list[dict[str, float]], directory: Path) -> plt.Figure |
     figure = None
     if len(rows) > 1:
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        for key in (k for k in keys if k.startswith("val/pass@") or k == "val/greedy_acc"):
+        plotted = ("val/avg", "val/greedy_acc")
+        for key in (k for k in keys if k.startswith("val/pass@") or k in plotted):
             axis.plot([r["tau_eval"] for r in rows], [r[key] for r in rows], marker="o", label=key)
         axis.set_xlabel("tau_eval")
         axis.set_ylabel("score")

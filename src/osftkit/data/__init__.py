@@ -3,5 +3,12 @@
 from osftkit.data.arithmetic import build_arithmetic
 from osftkit.data.datamodule import PromptDataModule
 from osftkit.data.math_sets import DataLoadError, load_prompt_table
+from osftkit.data.splits import disjoint_rows
 
-__all__ = ["DataLoadError", "PromptDataModule", "build_arithmetic", "load_prompt_table"]
+__all__ = [
+    "DataLoadError",
+    "PromptDataModule",
+    "build_arithmetic",
+    "disjoint_rows",
+    "load_prompt_table",
+]

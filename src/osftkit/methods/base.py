@@ -372,7 +372,12 @@ class CausalLMModule(LightningModule):
         # Rows that only even out the ranks' step counts are generated but not counted.
         counted = counted_rows(batch).to(samples.sequences.device)
         per_sample = counted.repeat_interleave(samples.group_size)
-        metrics["pass"].update(self.score(samples, batch["answer"]), counted)
+        correct = self.score(samples, batch["answer"])
+        metrics["pass"].update(correct, counted)
+        sink = getattr(self, "outcome_sink", None)  # eval.py's per-problem records (store=...)
+        if sink is not None:
+            name = self.inputs.val_names[dataloader_idx]
+            sink(name, batch["answer"], correct, samples.lengths, self.decode(samples))
         metrics["response_length"].update(samples.lengths.float(), per_sample.float())
         scored = TokenBatch(samples.sequences, samples.attention_mask, samples.loss_mask)
         _, entropy = self.score_tokens(scored)
@@ -380,8 +385,8 @@ class CausalLMModule(LightningModule):
         metrics["entropy"].update(masked_mean(entropy, counted_tokens), counted_tokens.sum())
         if s.greedy:
             greedy = self.generate(batch, 1, 0.0, 1.0, s.max_new_tokens)
-            correct = self.score(greedy, batch["answer"]).float().squeeze(1)
-            metrics["greedy_acc"].update(correct, counted.float())
+            greedy_correct = self.score(greedy, batch["answer"]).float().squeeze(1)
+            metrics["greedy_acc"].update(greedy_correct, counted.float())
         if batch_idx == 0 and dataloader_idx == 0:
             self.log_samples(batch, samples)
 

@@ -1,4 +1,5 @@
-"""Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), averaged over problems."""
+"""Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), averaged over problems; and
+SePT's AVG, the mean of the reported pass@k (pass@1, 8, 32 in its protocol)."""
 
 import torch
 from torch import Tensor
@@ -26,7 +27,8 @@ def counted_rows(batch: dict) -> Tensor:
 
 
 class PassAtK(Metric):
-    """Mean unbiased pass@k for each k in `ks`, updated with per-problem success matrices."""
+    """Mean unbiased pass@k for each k in `ks` and `avg` (their mean, SePT's AVG), updated with
+    per-problem success matrices."""
 
     full_state_update = False
 
@@ -51,4 +53,5 @@ class PassAtK(Metric):
     def compute(self) -> dict[str, Tensor]:
         n = torch.cat(self.num_samples) if isinstance(self.num_samples, list) else self.num_samples
         c = torch.cat(self.num_correct) if isinstance(self.num_correct, list) else self.num_correct
-        return {f"pass@{k}": pass_at_k(n, c, k).mean().float() for k in self.ks}
+        scores = {f"pass@{k}": pass_at_k(n, c, k).mean().float() for k in self.ks}
+        return {**scores, "avg": torch.stack(list(scores.values())).mean()}
