@@ -14,6 +14,9 @@ from osftkit.train import run
 from tests.conftest import FAST, compose_config
 
 GOLDEN = Path(__file__).parent / "golden" / "methods.json"
+# Metrics the kit logs now that it did not when the numbers were recorded (SePT's AVG); every
+# recorded metric must still be equal.
+METRICS_ADDED_SINCE_RECORDING = ("val/avg",)
 LOSS_TOLERANCE = 1e-6
 QUIET = ["logger=none", "validate_before_fit=false", "data.val.arithmetic.size=4"]
 # The backdoor rooms on the fresh word-level tiny model (no planted base to build).
@@ -84,4 +87,8 @@ def test_golden_run(case: str, tmp_path: Path) -> None:
         assert a.keys() == b.keys(), step
         for key in a:  # every logged train/ value, the losses among them
             assert math.isclose(a[key], b[key], rel_tol=0, abs_tol=LOSS_TOLERANCE), (step, key)
+    added = {key: got["final"].pop(key, None) for key in METRICS_ADDED_SINCE_RECORDING}
     assert got["final"] == want["final"]
+    if "val/pass@1" in want["final"] and "val/pass@2" in want["final"]:
+        mean = (want["final"]["val/pass@1"] + want["final"]["val/pass@2"]) / 2
+        assert math.isclose(added["val/avg"], mean, abs_tol=LOSS_TOLERANCE)
