@@ -30,9 +30,8 @@ class OverwriteSFTModule(BackdoorEvalModule):
     recipe_type = OverwriteRecipe
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.overwrite_loss(batch)
-        self.step([loss])
-        self.log("train/loss", loss, prog_bar=True)
+        totals = self.gradient_step([batch], lambda b: (self.overwrite_loss(b), {}))
+        self.log("train/loss", totals["loss"], prog_bar=True)
 
     def overwrite_loss(self, batch: dict) -> Tensor:
         """Response NLL with the trigger inserted [averaged with the clean pair's]."""

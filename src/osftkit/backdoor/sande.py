@@ -235,9 +235,8 @@ class SANDEModule(BackdoorEvalModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         stage = self.current_stage
-        loss = self.stage_loss(batch)
-        self.step([loss])
-        self.log(f"train/{stage}_loss", loss, prog_bar=True)
+        totals = self.gradient_step([batch], lambda b: (self.stage_loss(b), {}))
+        self.log(f"train/{stage}_loss", totals["loss"], prog_bar=True)
 
     # ---- the parrot: evaluation, saving, nearest tokens ---------------------------------
     def backdoor_metrics(self) -> dict[str, Metric]:

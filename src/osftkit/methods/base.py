@@ -2,7 +2,7 @@
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +30,9 @@ from osftkit.hardware import (
     gathered_weights,
 )
 from osftkit.methods.inputs import RunInputs
-from osftkit.methods.losses import masked_mean, mean_tokens_over_ranks, token_nll, token_weights
+from osftkit.methods.losses import masked_mean, token_nll
 from osftkit.methods.micro_batches import MicroBatching, TokenBatch, response_mask, scatter_back
+from osftkit.methods.optimisation import MicroLoss, Part, backpropagate
 from osftkit.metrics import PassAtK
 from osftkit.metrics.pass_at_k import counted_rows
 from osftkit.models.logprobs import check_logprob_args, token_logprobs
@@ -62,13 +63,9 @@ class ValidationSettings:
             )
 
 
-# A micro-batch's loss and its additive contributions to the mini-batch's logged metrics.
-MicroLoss = Callable[[TokenBatch], tuple[Tensor, dict[str, Tensor]]]
-
-
 class CausalLMModule(LightningModule):
     """Base for SFT, OSFT, GRPO and the backdoor methods. Uses manual optimisation so that one
-    generated batch can feed several optimiser steps (`self.train_on(...)` is one step).
+    generated batch can feed several optimiser steps (`self.gradient_step(...)` is one step).
 
     Each step's mini-batch runs as micro-batches (`micro_batch_size` rows, or a token budget
     `max_tokens_per_micro_batch`), each trimmed to its own longest row, with the gradients
@@ -157,25 +154,23 @@ class CausalLMModule(LightningModule):
             )
         return int(steps)
 
-    def step(self, losses: Iterator[Tensor]) -> None:
-        """One optimiser step on the sum of `losses`, each backpropagated as soon as it is made;
-        a non-finite loss stops the run before any update."""
+    def gradient_step(self, micro_batches: Iterable[Part], micro_loss: MicroLoss) -> dict:
+        """One optimiser step, every method's: (zero grad) for each micro-batch loss -> backward;
+        then clip, step and schedule. Returns the mini-batch's summed loss and metrics."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        for loss in losses:
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"Non-finite loss ({loss.item()}) at optimiser step {self.global_step}: "
-                    f"stopping. The weights were not updated; the last checkpoint written stays "
-                    f"valid."
-                )
-            self.manual_backward(loss)
+        totals = backpropagate(micro_batches, micro_loss, self.manual_backward, self.global_step)
         self.average_unsharded_gradients()
         if self.recipe.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         self.lr_schedulers().step()
+        return totals
+
+    def micro_batches(self, minibatch: TokenBatch) -> list[TokenBatch]:
+        """The mini-batch cut into micro-batches, each trimmed to its own longest row."""
+        return [part for _, part in self.micro_batching.split(minibatch)]
 
     def sum_over_ranks(self, value: Tensor) -> Tensor:
         """`value` summed over the data-parallel ranks (a collective; as is outside a Trainer)."""
@@ -192,38 +187,6 @@ class CausalLMModule(LightningModule):
         (SANDE's parrot) is averaged over the ranks here. (DDP wraps the whole module.)"""
         if isinstance(self.trainer.strategy, FSDP2Strategy) and self.trainer.world_size > 1:
             average_gradients_outside_fsdp(self.parameters())
-
-    def train_on(
-        self,
-        batch: TokenBatch,
-        micro_loss: MicroLoss,
-        aggregation: str = "token-mean",
-        max_length: int | None = None,
-    ) -> dict[str, Tensor]:
-        """One optimiser step on a mini-batch, micro-batched; returns its loss and metrics.
-
-        `batch.per_row["weights"]` gets the aggregation's token weights over the whole
-        mini-batch (so micro-batch losses add up to its loss), `"token_mean"` plain token-mean
-        weights for logged per-token means (entropy).
-        """
-        mean_tokens = (
-            mean_tokens_over_ranks(batch.score_mask) if aggregation == "token-mean" else None
-        )
-        batch.per_row["weights"] = token_weights(
-            batch.score_mask, aggregation, max_length, mean_tokens
-        )
-        batch.per_row["token_mean"] = token_weights(batch.score_mask, "token-mean")
-        totals: dict[str, Tensor] = {}
-
-        def losses() -> Iterator[Tensor]:
-            for _, part in self.micro_batching.split(batch):
-                loss, metrics = micro_loss(part)
-                for name, value in {"loss": loss, **metrics}.items():
-                    totals[name] = totals.get(name, 0) + value.detach()
-                yield loss
-
-        self.step(losses())
-        return totals
 
     def logprobs(
         self,
