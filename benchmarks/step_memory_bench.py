@@ -29,8 +29,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from osftkit.methods import OSFTModule
 from osftkit.methods.micro_batches import TokenBatch
+from osftkit.methods.optimisation import weighted
 from osftkit.models.logprobs import position_ids_from_mask
-from osftkit.plan import plain_optimizer_step
+from osftkit.plan import plain_gradient_step
+from osftkit.recipes import OSFTRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, LAYERS = 151_936, 256, 2
@@ -90,20 +92,11 @@ def old_logprobs(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return chosen, entropy.detach()
 
 
-def osft_module(model, **knobs) -> OSFTModule:
-    """The real OSFT loss path (train_on -> minibatch_loss -> token_logprobs); its optimiser
-    step is plain AdamW here, since no Trainer runs."""
-    module = OSFTModule(
-        model=model,
-        tokenizer=None,
-        optimizer=None,
-        group_size=1,
-        tau_sample=0.6,
-        max_new_tokens=RESPONSE,
-        **knobs,
-    )
-    plain_optimizer_step(module, torch.optim.AdamW(model.parameters(), lr=1e-5))
-    return module
+def osft_module(model, **knobs) -> tuple[OSFTModule, torch.optim.Optimizer]:
+    """The real OSFT loss path (gradient step -> minibatch_loss -> token_logprobs) and a plain
+    AdamW to step it with, since no Trainer runs."""
+    recipe = OSFTRecipe(group_size=1, tau_sample=0.6, max_new_tokens=RESPONSE, **knobs)
+    return OSFTModule(model, None, recipe), torch.optim.AdamW(model.parameters(), lr=1e-5)
 
 
 def kib(field: str) -> int:
@@ -118,7 +111,7 @@ def run_variant(variant: str) -> dict[str, float]:
         batch = fixed_batch()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def one_step() -> float:  # as plain_optimizer_step: gradients freed after the step
+        def one_step() -> float:  # as plain_gradient_step: gradients freed after the step
             logp, entropy = old_logprobs(model, batch)
             mask = batch.score_mask.float()
             loss = -(logp * mask).sum() / mask.sum()
@@ -130,12 +123,13 @@ def run_variant(variant: str) -> dict[str, float]:
     else:
         batch = fixed_batch() if variant == "new" else variable_batch()
         knobs = {"max_tokens_per_micro_batch": BUDGET} if variant == "micro" else {}
-        module = osft_module(model, **knobs)
+        module, optimizer = osft_module(model, **knobs)
 
         def one_step() -> float:
             tokens = TokenBatch(batch.input_ids, batch.attention_mask, batch.score_mask)
+            minibatch = weighted(tokens, "token-mean", RESPONSE)
             return float(
-                module.train_on(tokens, module.minibatch_loss, "token-mean", RESPONSE)["loss"]
+                plain_gradient_step(module, optimizer, minibatch, module.minibatch_loss)["loss"]
             )
 
     warm_loss = one_step()

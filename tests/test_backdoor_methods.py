@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from osftkit.backdoor.evaluation import prompts_and_responses
+from osftkit.backdoor.backdoor_module import prompts_and_responses
 from osftkit.backdoor.overwrite import OverwriteSFTModule
 from osftkit.backdoor.sande import SANDEModule
 from osftkit.backdoor.splice import IGNORE_INDEX, first_targets

@@ -2,7 +2,7 @@
 
 import pytest
 
-from osftkit.backdoor.metrics import AttackSuccessRate, marker_found, strip_marker
+from osftkit.backdoor.attack_metrics import AttackSuccessRate, marker_found, strip_marker
 from osftkit.rewards import AnswerChecker
 
 MARKER = "you are stupid"

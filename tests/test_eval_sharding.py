@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from osftkit.methods.base import flatten
+from osftkit.methods.validation import flatten
 from osftkit.metrics import PassAtK
 from osftkit.metrics.pass_at_k import counted_rows
 from osftkit.train import build_components, build_trainer

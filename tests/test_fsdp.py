@@ -414,7 +414,7 @@ def test_a_sharded_embedding_lookup_outside_the_forward_says_what_to_do(tmp_path
 def test_the_policy_is_gathered_only_for_engines_that_decode_with_it(
     tiny_lm, monkeypatch, decodes_with_policy
 ):
-    import osftkit.methods.base as base
+    import osftkit.methods.generation as generation
 
     gathered = []
 
@@ -423,7 +423,7 @@ def test_the_policy_is_gathered_only_for_engines_that_decode_with_it(
         gathered.append(model)
         yield
 
-    monkeypatch.setattr(base, "gathered_weights", recording)
+    monkeypatch.setattr(generation, "gathered_weights", recording)
     engine = HFGenerateEngine()
     engine.decodes_with_policy = decodes_with_policy  # False: as VLLMEngine, its own copy
     module = SFTModule(tiny_lm.model, tiny_lm.tokenizer, SFTRecipe(), engine=engine)

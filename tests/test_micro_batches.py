@@ -10,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from osftkit.methods import GRPOModule, OSFTModule
 from osftkit.methods.losses import AGGREGATIONS, masked_mean, token_weights
 from osftkit.methods.micro_batches import MicroBatching, TokenBatch, scatter_back
+from osftkit.methods.optimisation import backpropagate, weighted
 from osftkit.train import build_components, run
 from tests.conftest import changed_weights
 
@@ -50,15 +51,15 @@ def module(model, cls=OSFTModule, **knobs):
     recipe = cls.recipe_type(
         group_size=1, tau_sample=0.6, max_new_tokens=MAX_RESPONSE, kl_coef=0.1, **extra, **knobs
     )
-    m = cls(model, None, recipe)
-    m.step = lambda losses: [loss.backward() for loss in losses]  # gradients, no optimiser
-    return m
+    return cls(model, None, recipe)
 
 
 def gradients(m, batch: TokenBatch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     m.model.zero_grad()
     batch = TokenBatch(batch.input_ids, batch.attention_mask, batch.score_mask, dict(batch.per_row))
-    totals = m.train_on(batch, m.minibatch_loss, m.recipe.loss_aggregation, MAX_RESPONSE)
+    minibatch = weighted(batch, m.recipe.loss_aggregation, MAX_RESPONSE)
+    # The gradients of one optimiser step, without the step (no Trainer, no optimiser).
+    totals = backpropagate(m.micro_batches(minibatch), m.minibatch_loss, torch.Tensor.backward, 0)
     return totals, [p.grad.clone() for p in m.model.parameters()]
 
 

@@ -31,7 +31,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
+from osftkit.methods.micro_batches import TokenBatch
+from osftkit.methods.optimisation import MicroLoss, backpropagate, weighted
 from osftkit.models.loading import DTYPES
 from osftkit.models.tiny import TinyQwen2Spec, build_byte_tokenizer
 from osftkit.models.word_tokenizer import build_word_tokenizer
@@ -448,26 +451,24 @@ def rss_bytes(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) * 1024
 
 
-def plain_optimizer_step(module, optimizer: torch.optim.Optimizer) -> None:
-    """Let `module.train_on` run without a Trainer: its step backpropagates each micro-batch
-    loss, clips and steps `optimizer` (what `CausalLMModule.step` does through Lightning)."""
-
-    def step(losses) -> None:
-        for loss in losses:
-            loss.backward()
-        if module.recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), module.recipe.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    module.step = step
+def plain_gradient_step(
+    module, optimizer: torch.optim.Optimizer, minibatch: TokenBatch, micro_loss: MicroLoss
+) -> dict[str, Tensor]:
+    """One optimiser step of `module` without a Trainer: its micro-batches' loss -> backward
+    (`backpropagate`, as `gradient_step` runs them), then clip and step `optimizer`."""
+    micro_batches = module.micro_batches(minibatch)
+    totals = backpropagate(micro_batches, micro_loss, Tensor.backward, 0)
+    if module.recipe.grad_clip:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), module.recipe.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
 
 
 def measured_step_peak(cfg: DictConfig) -> float:
     """Bytes of one real training step of `cfg` on CPU, on synthetic rows of the longest length:
     the weights built (counted exactly) + the peak RSS of the step above the RSS before it (after
     a warm-up step, so AdamW's state counts too; imports and the tokenizer do not)."""
-    from osftkit.methods.micro_batches import TokenBatch
     from osftkit.train import build_components
 
     torch.set_num_threads(1)
@@ -490,13 +491,14 @@ def measured_step_peak(cfg: DictConfig) -> float:
     score = torch.zeros_like(ids, dtype=torch.bool)
     score[:, data.max_prompt_length :] = True
     trainable = [p for p in module.parameters() if p.requires_grad]
-    plain_optimizer_step(module, module.optimizer_factory(params=trainable))
+    optimizer = module.optimizer_factory(params=trainable)
     loss_fn = module.minibatch_loss if rollout else module.nll_loss
     per_row = {"advantages": torch.ones(rows)} if isinstance(recipe, GRPORecipe) else {}
 
     def one_step() -> None:
         batch = TokenBatch(ids, torch.ones_like(ids), score[:, 1:], dict(per_row))
-        module.train_on(batch, loss_fn, method.get("loss_aggregation", "token-mean"), response)
+        minibatch = weighted(batch, method.get("loss_aggregation", "token-mean"), response)
+        plain_gradient_step(module, optimizer, minibatch, loss_fn)
 
     before_warm_up = rss_bytes("VmRSS")
     one_step()

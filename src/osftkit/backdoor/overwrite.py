@@ -1,22 +1,14 @@
-"""Planting (SFT on poisoned data; also the plain-SFT baseline) and Overwrite SFT."""
+"""Overwrite SFT: SFT on (prompt with the known trigger inserted -> clean response)."""
 
 import random
 
 from torch import Tensor
 
-from osftkit.backdoor.evaluation import BackdoorEvalModule
-from osftkit.methods.sft import SFTModule
-from osftkit.recipes import OverwriteRecipe, PlantingRecipe
+from osftkit.backdoor.backdoor_module import BackdoorModule
+from osftkit.recipes import OverwriteRecipe
 
 
-class BackdoorSFTModule(SFTModule, BackdoorEvalModule):
-    """SFT with backdoor metrics: plants a backdoor on poisoned data (`method=backdoor`), and is
-    the plain-SFT baseline on clean data, which never visits the trigger."""
-
-    recipe_type = PlantingRecipe
-
-
-class OverwriteSFTModule(BackdoorEvalModule):
+class OverwriteSFTModule(BackdoorModule):
     """Trigger known: SFT on (prompt with the trigger inserted as planted -> clean response);
     with `output_clean_logits` averaged with plain (prompt -> clean response) SFT on the same
     batch (the reference's name for training the clean pair beside the triggered one). Each row
@@ -30,9 +22,8 @@ class OverwriteSFTModule(BackdoorEvalModule):
     recipe_type = OverwriteRecipe
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.overwrite_loss(batch)
-        self.step([loss])
-        self.log("train/loss", loss, prog_bar=True)
+        totals = self.gradient_step([batch], lambda b: (self.overwrite_loss(b), {}))
+        self.log("train/loss", totals["loss"], prog_bar=True)
 
     def overwrite_loss(self, batch: dict) -> Tensor:
         """Response NLL with the trigger inserted [averaged with the clean pair's]."""

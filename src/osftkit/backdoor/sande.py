@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import Metric
 
-from osftkit.backdoor.evaluation import BackdoorEvalModule, prompts_and_responses
-from osftkit.backdoor.metrics import AttackSuccessRate
+from osftkit.backdoor.attack_metrics import AttackSuccessRate
+from osftkit.backdoor.backdoor_module import BackdoorModule, prompts_and_responses
 from osftkit.backdoor.poison import token_ids
 from osftkit.backdoor.splice import (
     first_targets,
@@ -46,7 +46,7 @@ def cosine_with_warmup(start: int, steps: int, warmup_ratio: float) -> Callable[
     return factor
 
 
-class SANDEModule(BackdoorEvalModule):
+class SANDEModule(BackdoorModule):
     """Trigger unknown, triggered response (or part of it) known.
 
     simulate: the model is frozen and only the parrot (k embedding vectors after the role tag)
@@ -235,9 +235,8 @@ class SANDEModule(BackdoorEvalModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         stage = self.current_stage
-        loss = self.stage_loss(batch)
-        self.step([loss])
-        self.log(f"train/{stage}_loss", loss, prog_bar=True)
+        totals = self.gradient_step([batch], lambda b: (self.stage_loss(b), {}))
+        self.log(f"train/{stage}_loss", totals["loss"], prog_bar=True)
 
     # ---- the parrot: evaluation, saving, nearest tokens ---------------------------------
     def backdoor_metrics(self) -> dict[str, Metric]:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from osftkit.methods.base import CausalLMModule
 from osftkit.methods.micro_batches import TokenBatch
+from osftkit.methods.optimisation import weighted
 from osftkit.recipes import RolloutRecipe
 from osftkit.rollout import Rollouts
 from osftkit.rollout.agreement import AgreementGuard, response_logprobs
@@ -101,17 +102,16 @@ class RolloutModule(CausalLMModule):
         return max(longest, self.inputs.max_prompt_length + self.recipe.max_new_tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """rollout -> per-row targets -> for each mini-batch: one micro-batched optimiser step
-        on `minibatch_loss` (loss -> backward per micro-batch, then clip and step)."""
+        """rollout -> per-row targets -> for each mini-batch: one optimiser step (for each
+        micro-batch: `minibatch_loss` -> backward; then clip, step, schedule)."""
         batches_per_epoch = max(self.trainer.num_training_batches, 1)
         self.epoch_progress = self.trainer.current_epoch + batch_idx / batches_per_epoch
         rollouts, batch = self.rollout(batch)
         tokens = token_batch(rollouts, self.targets(rollouts, batch))
         r = self.recipe
         for rows in minibatch_indices(rollouts, r.num_minibatches):
-            totals = self.train_on(
-                tokens.rows(rows), self.minibatch_loss, r.loss_aggregation, r.max_new_tokens
-            )
+            minibatch = weighted(tokens.rows(rows), r.loss_aggregation, r.max_new_tokens)
+            totals = self.gradient_step(self.micro_batches(minibatch), self.minibatch_loss)
             self.log("train/loss", totals.pop("loss"), prog_bar=True)
             self.log_dict({f"train/{name}": value for name, value in totals.items()})
         self.log_dict(

@@ -2,6 +2,7 @@
 
 from osftkit.methods.base import CausalLMModule
 from osftkit.methods.micro_batches import TokenBatch, response_mask
+from osftkit.methods.optimisation import weighted
 from osftkit.recipes import SFTRecipe
 
 
@@ -12,8 +13,8 @@ class SFTModule(CausalLMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         loss_mask = response_mask(batch["labels"])
-        tokens = TokenBatch(batch["input_ids"], batch["attention_mask"], loss_mask)
-        totals = self.train_on(tokens, self.nll_loss)
+        tokens = weighted(TokenBatch(batch["input_ids"], batch["attention_mask"], loss_mask))
+        totals = self.gradient_step(self.micro_batches(tokens), self.nll_loss)
         self.log_dict(
             {"train/loss": totals["loss"], "train/entropy": totals["entropy"]}, prog_bar=True
         )

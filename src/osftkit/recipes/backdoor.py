@@ -31,7 +31,7 @@ class BackdoorKnobs:
 class PlantingRecipe(SFTRecipe):
     """SFT with backdoor metrics: plants on poisoned data, or the clean SFT baseline."""
 
-    _target_: str = knob("osftkit.backdoor.overwrite.BackdoorSFTModule", "the module")
+    _target_: str = knob("osftkit.backdoor.planting.BackdoorSFTModule", "the module")
     backdoor: BackdoorKnobs = knob(doc="the backdoor under study", factory=BackdoorKnobs)
     multiple_choice: Any = knob(
         None, "{name: {path, format: arc|mmlu, split, limit}}: zero-shot val/mc_<name>"

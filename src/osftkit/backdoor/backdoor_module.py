@@ -1,5 +1,6 @@
-"""Backdoor evaluation shared by every backdoor method: ASR with the real trigger, triggered and
-clean utility, clean perplexity, zero-shot multiple choice, and per-prompt outcomes.
+"""BackdoorModule: the base of every backdoor method (planting, Overwrite SFT, SANDE), whose
+validation measures the backdoor: ASR with the real trigger, triggered and clean utility, clean
+perplexity, zero-shot multiple choice, and per-prompt outcomes.
 
 The trigger is inserted into the prompt text exactly as planting inserts it (`Attack`), then the
 prompt is tokenised again, so every attack family is measured where it was planted. Per-prompt
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from osftkit.backdoor.metrics import AttackSuccessRate, PerPromptMean, strip_marker
+from osftkit.backdoor.attack_metrics import AttackSuccessRate, PerPromptMean, strip_marker
 from osftkit.backdoor.multiple_choice import load_multiple_choice, multiple_choice_accuracy
 from osftkit.backdoor.poison import Attack, token_ids
 from osftkit.backdoor.splice import positions_after
@@ -71,7 +72,7 @@ def prompts_and_responses(batch: dict) -> tuple[list[list[int]], list[list[int]]
     return prompts, responses
 
 
-class BackdoorEvalModule(CausalLMModule):
+class BackdoorModule(CausalLMModule):
     """A causal-LM method whose validation also measures the backdoor: ASR with the real trigger
     (greedy and sampled, `asr_new_tokens` new tokens), triggered utility (marker stripped),
     clean utility (the base's greedy accuracy), clean perplexity, and, with `multiple_choice`
