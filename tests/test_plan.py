@@ -56,14 +56,14 @@ def rows_of(plan) -> dict[str, float]:
 
 def test_a_rollout_the_vllm_cache_cannot_hold_names_the_knob():
     """The preset at the issue's old settings (0.3 of the GPU, vLLM's default 1,024 sequences):
-    ~84k tokens of KV for a 262k-token validation rollout."""
+    ~84k tokens of KV for a 1,049k-token validation rollout (8 prompts x n = 32)."""
     cfg = compose_config(
         ["experiment=osft_qwen_math_7b_dsr", "engine.gpu_memory_utilization=0.3",
          "engine.max_num_seqs=null", "engine.max_num_batched_tokens=null"]
     )  # fmt: skip
     plan = estimate(cfg, gpu_memory_gb=80, num_gpus=8)
     (warning,) = plan.warnings
-    assert "validation rollout holds up to 262k tokens" in warning
+    assert "validation rollout holds up to 1049k tokens of KV (256 rows x 4096)" in warning
     assert "engine.max_num_seqs=20" in warning and "engine.gpu_memory_utilization" in warning
     capacity = rows_of(plan)["  its KV cache"] / (2 * 28 * 4 * 128 * 2)  # bf16 K and V
     assert 20 * 4096 <= capacity < 21 * 4096

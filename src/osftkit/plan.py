@@ -552,4 +552,9 @@ def main(argv: list[str] | None = None) -> Plan:
 
 
 if __name__ == "__main__":
-    main()
+    from hydra.errors import HydraException
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, HydraException) as error:  # a user's mistake: one line
+        sys.exit(f"{type(error).__name__}: {error}")
