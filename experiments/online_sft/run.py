@@ -1,448 +1,747 @@
 """The Online SFT study on the offline arithmetic task (see README.md beside this file).
 
-    .venv/bin/python experiments/online_sft/run.py                    # every arm, about 2 CPU hours
-    .venv/bin/python experiments/online_sft/run.py --seeds 0          # one seed
-    .venv/bin/python experiments/online_sft/run.py --arms EM-FT DAPO  # only these arms
-    .venv/bin/python experiments/online_sft/run.py --report           # README tables from the store
-    .venv/bin/python experiments/online_sft/run.py --check            # README == store?
+    .venv/bin/python experiments/online_sft/run.py              # every arm, 2 at a time
+    .venv/bin/python experiments/online_sft/run.py --jobs 1     # one run at a time
+    .venv/bin/python experiments/online_sft/run.py --report     # README tables from the store
+    .venv/bin/python experiments/online_sft/run.py --check      # README == store?
 
-Every arm is a preset of configs/experiment/ run through osftkit.train.run; each finished run
-is a stamped record in results/records.jsonl (the store: a rerun skips what it holds), and the
-README's tables are generated from the store. results.json keeps the curves for the plot.
+Every choice is made on the dev split (data=arithmetic_heldout): each base's tau_eval (SePT's
+protocol, by AVG), each arm's learning rate (one grid for every arm, seed 0, extended past an
+edge) and its stopping step (the validation with the best mean dev pass@1 over the seeds). The
+test split is read only at the chosen step, and at the step of an equal generated-token budget.
+Runs are `train.py` processes (one thread each, `--jobs` at a time) under --out; a finished run
+is reused, so a killed study resumes. Each run remembers the commit it was launched from; the
+records (results/records.jsonl) carry it, and `--check` fails if two rows differ in code.
 """
 
 import argparse
-import csv
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from osftkit.results.report import Column, Table, report_or_check
-from osftkit.results.store import ResultStore, config_hash
-
-if TYPE_CHECKING:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-# Training, evaluation, TensorBoard and matplotlib are imported where a run needs them, so that
-# --report and --check (the fast tests) start in seconds.
+from osftkit.results.report import Column, Generated, Paired, Table, report_or_check
+from osftkit.results.stats import paired_difference
+from osftkit.results.store import ResultStore, config_hash, git_state
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 STORE = ResultStore(HERE / "results")
-TAU_SWEEP = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
-COLUMNS = ["val/pass@1", "val/greedy_acc", "val/pass@8"]
-OSFT = "OSFT (tau_s 0.6, tau_t 1)"
+TEST, DEV = "arithmetic", "dev"  # the validation sets' names in data=arithmetic_heldout
+GRID = (3e-5, 1e-4, 3e-4)  # every arm's learning rates; one more is tried past a winning edge
+RESPONSES = 12_800  # each arm's generation budget: Online SFT's 200 steps x 64 prompts
+VALIDATIONS = 4  # per run, evenly spaced, the last at the final step
+BASE_SEEDS = (0, 1, 2, 3, 4)  # the bases' evaluation (sampling) seeds
+EQUIVALENCE = 0.03  # "level with": the 95% interval of the difference inside +-3 points
+OSFT = "Online SFT (tau_s 0.6, tau_t 1)"
 
 
 @dataclass(frozen=True)
 class Arm:
-    """A row of the table: the preset's overrides, whether it runs every seed or a few (the
-    expensive and the under-trained-base arms), and the paper's pass@1 where it has one."""
+    """A trained row: its preset overrides, seeds, responses generated per optimiser step and
+    the paper's figure where it has one."""
 
     overrides: tuple[str, ...]
-    few_seeds: bool = False
+    seeds: int
+    responses_per_step: int = 64
+    base: str = "arith_base"
     paper: str = "-"
 
+    @property
+    def steps(self) -> int:
+        """Steps that generate the shared budget (SFT and the offline set: Online SFT's)."""
+        return RESPONSES // self.responses_per_step // VALIDATIONS * VALIDATIONS
 
-# The arms that generate more per step than OSFT (G x prompts > 64) stop once they have
-# generated OSFT's 200 x 64 = 12,800 responses (the 8x arms: 24 x 512 = 12,288), so that on
-# 2 CPU cores every row gets the same generation budget: compare them at equal tokens.
-EQUAL_TOKENS = {
-    128: ("trainer.max_steps=100", "trainer.val_check_interval=25"),  # 16 prompts x G = 8
-    256: ("trainer.max_steps=50", "trainer.val_check_interval=25"),  # 64 prompts x G = 4
-    512: ("trainer.max_steps=24", "trainer.val_check_interval=8"),  # 64 prompts x G = 8
-}
-# The paper's numbers: mean pass@1 (%) over six benchmarks on Qwen2.5-Math-7B (the revision).
+
 ARMS = {
-    OSFT: Arm(("experiment=osft_arith",), paper="39.5 (annealed, 3 epochs)"),
-    "OSFT coupled (tau_s = tau_t = 1)": Arm(("experiment=osft_coupled_arith",), paper="19.3"),
-    "GRPO (G = 8)": Arm(("experiment=grpo_arith",), paper="43.8 (at 8x OSFT's tokens)"),
-    "SFT on gold solutions": Arm(("experiment=sft_arith",)),
-    "OSFT from the under-trained base": Arm(
+    OSFT: Arm(("experiment=osft_arith",), 5, paper="39.5 (annealed, 3 epochs)"),
+    "coupled (tau_s = tau_t = 1)": Arm(("experiment=osft_coupled_arith",), 5, paper="19.3"),
+    "offline (one frozen set, then SFT)": Arm(("experiment=osft_offline_arith",), 5, paper="21.0"),
+    "GRPO (G = 8)": Arm(("experiment=grpo_arith",), 5, 128, paper="43.8 (8x OSFT's tokens)"),
+    "EM-FT (entropy minimisation)": Arm(("experiment=em_ft_arith",), 3, paper="51.3 vs 55.0"),
+    "tau_s annealed 0.6 -> 1": Arm(("experiment=osft_anneal_arith",), 3, paper="39.5"),
+    "Dr. GRPO (G = 8)": Arm(("experiment=dr_grpo_arith",), 3, 128),
+    "DAPO (G = 8)": Arm(("experiment=dapo_arith",), 3, 128),
+    "Online SFT, G = 4": Arm(("experiment=osft_g4_arith",), 3, 256, paper="above the base"),
+    "Online SFT, G = 8": Arm(("experiment=osft_g8_arith",), 3, 512, paper="highest peak"),
+    "SFT on gold solutions": Arm(("experiment=sft_arith",), 3),
+    "Online SFT from the under-trained base": Arm(
         ("experiment=osft_arith", "model=arith_base_undertrained"),
-        few_seeds=True,
-        paper="no gain on Llama-3.1-8B-Instruct",
-    ),
-    "GRPO from the under-trained base": Arm(
-        ("experiment=grpo_arith", "model=arith_base_undertrained"), few_seeds=True
-    ),
-    "OSFT offline (one frozen self-generated set)": Arm(
-        ("experiment=osft_offline_arith",), paper="21.0 (online 39.5)"
-    ),
-    "EM-FT (entropy minimisation)": Arm(
-        ("experiment=em_ft_arith",), paper="51.3 (OSFT 55.0, Fig. 3's own average)"
-    ),
-    "OSFT tau_s annealed 0.6 -> 1": Arm(("experiment=osft_anneal_arith",), paper="39.5"),
-    "Dr. GRPO (G = 8)": Arm(("experiment=dr_grpo_arith", *EQUAL_TOKENS[128]), few_seeds=True),
-    "DAPO (G = 8)": Arm(("experiment=dapo_arith", *EQUAL_TOKENS[128]), few_seeds=True),
-    "OSFT G = 4 (64 prompts)": Arm(
-        ("experiment=osft_g4_arith", *EQUAL_TOKENS[256]),
-        few_seeds=True,
-        paper="above the base (Fig. 5)",
-    ),
-    "GRPO G = 8 on OSFT's 64 prompts": Arm(
-        ("experiment=grpo_64x8_arith", *EQUAL_TOKENS[512]), few_seeds=True, paper="43.8"
-    ),
-    "OSFT G = 8 (64 prompts)": Arm(
-        ("experiment=osft_g8_arith", *EQUAL_TOKENS[512]),
-        few_seeds=True,
-        paper="highest peak of G (Fig. 5)",
+        3,
+        base="arith_base_undertrained",
+        paper="no gain (Llama-3.1-8B-Instruct)",
     ),
 }
+BASES = {"arith_base": "base", "arith_base_undertrained": "under-trained base"}
 
 
-# The validation set of every recorded row: 256 problems, n = 8 samples at tau_eval 1.
-VALIDATION = {"problems": 256, "samples": 8}
-METRIC_COLUMNS = [
-    Column("pass@1 (tau_eval 1)", "val/pass@1"),
-    Column("greedy acc", "val/greedy_acc"),
-    Column("pass@8", "val/pass@8"),
-]
-TABLES = [
-    Table(
-        "online_sft.bases",
-        [
-            Column("tau_eval", "tau_eval", digits=1),
-            Column("pass@1", "val/pass@1"),
-            *METRIC_COLUMNS[1:],
-        ],
-        caption="**The bases**, swept over tau_eval (`eval.py`); one evaluation each.",
-    ),
-    Table(
-        "online_sft.main",
-        [
-            *METRIC_COLUMNS,
-            Column("steps", "steps", digits=0, interval=False),
-            Column("wall s", "wall_s", digits=0, interval=False),
-            Column("tokens generated", "tokens", digits=0, interval=False),
-            Column("paper pass@1 (%)", label_key="paper"),
-        ],
-        rows=tuple(ARMS),
-        caption="**The arms**, metrics at each run's last step.",
-        labels={name: {"paper": arm.paper} for name, arm in ARMS.items()},
-    ),
-]
+# ---- running ----------------------------------------------------------------------------------
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def events(run_dir: Path) -> "EventAccumulator":
+def lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def run_overrides(arm: Arm, lr: float, seed: int, out: Path) -> list[str]:
+    steps = arm.steps
+    return [
+        *arm.overrides,
+        f"method.optimizer.lr={lr}",
+        f"seed={seed}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps // VALIDATIONS}",
+        f"paths.output_dir={out}",
+        "callbacks.progress_bar=null",
+        "callbacks.model_checkpoint=null",
+        "callbacks.step_checkpoint=null",
+        "validate_before_fit=false",
+        "validate_after_fit=false",
+        "+callbacks.validation_outcomes._target_=osftkit.results.outcomes.ValidationOutcomes",
+        f"+callbacks.validation_outcomes.dirpath={out / 'outcomes'}",
+    ]
+
+
+def finished(out: Path, steps: int) -> bool:
+    return (out / "outcomes" / f"step{steps}.json").exists() and (out / "stamp.json").exists()
+
+
+def execute(script: str, overrides: list[str], out: Path) -> None:
+    """`script` (train.py or eval.py) as a process with one torch thread, in a fresh `out`;
+    the commit and config hash it ran with go to `out`/stamp.json, its output to run.log."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    commit, dirty = git_state(ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OSFTKIT_ROOT": str(ROOT)}
+    with (out / "run.log").open("w") as log:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / script), *overrides],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed (rc {done.returncode}); see {out / 'run.log'}")
+    digest = resolved_hash(overrides, script.removesuffix(".py"))
+    (out / "stamp.json").write_text(
+        json.dumps({"commit": commit, "dirty": dirty, "config_hash": digest})
+    )
+    print(f"done: {out}", flush=True)
+
+
+def launch(overrides: list[str], out: Path, steps: int) -> Path:
+    """One training run unless `out` holds it finished."""
+    if not finished(out, steps):
+        execute("train.py", overrides, out)
+    return out
+
+
+HYDRA = threading.Lock()  # Hydra's compose uses global state: one thread at a time
+
+
+def resolved_hash(overrides: list[str], config_name: str = "train") -> str:
+    """Hash of the run's resolved config, without the outcome-recording callback's path."""
+    from omegaconf import OmegaConf
+
+    import osftkit.recipes  # noqa: F401  (the methods' schemas, before Hydra composes)
+    from osftkit.train import compose_train_config
+
+    kept = [o for o in overrides if not o.startswith("+callbacks")]
+    with HYDRA:
+        cfg = compose_train_config(kept, config_name)
+        return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+
+def run_dir(out: Path, name: str, lr: float, seed: int) -> Path:
+    return out / slug(name) / f"lr{lr_text(lr)}" / f"seed{seed}"
+
+
+def run_all(jobs: list[Callable[[], Path]], workers: int) -> list[Path]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+# ---- reading a run --------------------------------------------------------------------------
+def scalars(out: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of a run's validation scalars (TensorBoard)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # Runs of earlier revisions wrote their samples one step ahead of the validation's
-    # scalars; without purge_orphaned_data=False the reader drops every later point.
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"), purge_orphaned_data=False)
+    accumulator = EventAccumulator(str(out / "tensorboard"))
     accumulator.Reload()
-    return accumulator
+    tags = [t for t in accumulator.Tags()["scalars"] if t.startswith("val/")]
+    return {t: {e.step: e.value for e in accumulator.Scalars(t)} for t in tags}
 
 
-def scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
-    accumulator = events(run_dir)
-    if tag not in accumulator.Tags()["scalars"]:
-        return [], []
-    points = accumulator.Scalars(tag)
-    return [p.step for p in points], [p.value for p in points]
+def curve(out: Path) -> list[dict[str, float]]:
+    """Per validation: step, tokens generated, and dev and test pass@1, pass@8, greedy acc."""
+    from osftkit.results.outcomes import read_validation_outcomes
 
-
-def summary(run_dir: Path) -> dict:
-    """Final validation metrics, generated tokens, wall time and the curve (step, pass@1,
-    tokens, seconds) at every validation. Seconds count from the logger's first event, written
-    just before `fit`: they include the offline set's generation, not the data tokenising."""
-    accumulator = events(run_dir)
-    final = {tag: accumulator.Scalars(tag)[-1].value for tag in COLUMNS}
-    start = accumulator.FirstEventTimestamp()
-    times = [e.wall_time for tag in accumulator.Tags()["scalars"] for e in accumulator.Scalars(tag)]
-    passes = accumulator.Scalars("val/pass@1")
-    _, tokens = scalars(run_dir, "val/tokens_generated")
-    tokens = tokens or [0.0] * len(passes)
-    curve = [[p.step, p.value, t, p.wall_time - start] for p, t in zip(passes, tokens, strict=True)]
-    return {**final, "wall_s": max(times) - start, "tokens": tokens[-1], "curve": curve}
-
-
-def run_arm(overrides: tuple[str, ...], seed: int, out: Path) -> dict:
-    """Run one arm unless a finished run is already in `out` (so the study can be resumed)."""
-    from osftkit.train import compose_train_config, run
-
-    # The bases are evaluated once by the sweep; the last validation falls on the last step.
-    cfg = compose_train_config(
-        [
-            *overrides,
-            f"seed={seed}",
-            f"paths.output_dir={out}",
-            "callbacks.progress_bar=null",
-            "validate_before_fit=false",
-            "validate_after_fit=false",
-        ]
-    )
-    steps, _ = scalars(out, "val/pass@1") if (out / "tensorboard").exists() else ([], [])
-    if not steps or steps[-1] < cfg.trainer.max_steps - 1:
-        if out.exists():
-            shutil.rmtree(out)
-        run(cfg)
-    return summary(out)
-
-
-def record_arm(name: str, overrides: tuple[str, ...], seed: int, out: Path) -> dict:
-    """Run an arm's seed unless the store holds it (same config hash), and record it."""
-    from osftkit.train import compose_train_config
-
-    cfg = compose_train_config([*overrides, f"seed={seed}"])
-    digest = config_hash(OmegaConf.to_container(cfg, resolve=True))
-    recorded = STORE.find(name, seed, digest)
-    if recorded:
-        return {**recorded["metrics"], "curve": recorded.get("extra", {}).get("curve")}
-    result = run_arm(overrides, seed, out)
-    STORE.add(
-        table="online_sft.main",
-        arm=name,
-        seed=seed,
-        config_hash=digest,
-        base_model=str(cfg.model.get("path") or cfg.model.get("name", "")),
-        metrics={**metric_values(result), "steps": cfg.trainer.max_steps},
-        counts=VALIDATION,
-        extra={"curve": result["curve"]},
-        root=ROOT,
-    )
-    return result
-
-
-def metric_values(result: dict) -> dict[str, float]:
-    return {k: v for k, v in result.items() if k != "curve"}
-
-
-def base_rows(model: str, out: Path) -> list[dict]:
-    """The tau_eval sweep of a base model (read back from eval.csv when it already ran)."""
-    from osftkit.evaluate import evaluate
-    from osftkit.train import compose_train_config
-
-    if (out / "eval.csv").exists():
-        with (out / "eval.csv").open() as handle:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-    sweep = ",".join(str(tau) for tau in TAU_SWEEP)
-    overrides = [
-        f"model={model}",
-        "callbacks.progress_bar=null",
-        "logger=none",
-        f"paths.output_dir={out}",
-        f"tau_sweep=[{sweep}]",
-    ]
-    rows = evaluate(compose_train_config(overrides, config_name="eval"))
-    shutil.copy(out / "tau_sweep.png", HERE / f"{model}_tau_sweep.png")
+    values = scalars(out)
+    rows = []
+    for step in sorted(read_validation_outcomes(out / "outcomes")):
+        # Lightning logs a validation after optimiser step N at logger step N - 1.
+        row = {"step": step, "tokens": values.get("val/tokens_generated", {}).get(step - 1, 0.0)}
+        for split in (DEV, TEST):
+            for metric in ("pass@1", "pass@8", "greedy_acc", "entropy"):
+                row[f"{split}/{metric}"] = values[f"val/{split}/{metric}"][step - 1]
+        rows.append(row)
     return rows
 
 
-def sweep_bases(out: Path) -> dict[str, dict]:
-    """Each base at tau_eval 1 and at its best tau_eval."""
-    bases = {}
-    for label, model in (("base", "arith_base"), ("under-trained base", "arith_base_undertrained")):
-        sweep = base_rows(model, out / f"eval_{model}")
-        best = max(sweep, key=lambda r: r["val/pass@1"])
-        bases[f"{label} at tau_eval 1"] = next(r for r in sweep if r["tau_eval"] == 1.0)
-        bases[f"{label} at its best tau_eval ({best['tau_eval']:.1f})"] = best
-    return bases
+def outcomes_at(out: Path, step: int, split: str = TEST) -> list[dict[str, Any]]:
+    return json.loads((out / "outcomes" / f"step{step}.json").read_text())[split]
 
 
-def start_of(name: str, bases: dict[str, dict]) -> dict:
-    return bases[f"{'under-trained base' if 'under-trained' in name else 'base'} at tau_eval 1"]
+def stamp(out: Path) -> dict[str, Any]:
+    return json.loads((out / "stamp.json").read_text())
 
 
-def mean_curve(rows: list[dict], start: dict) -> np.ndarray | None:
-    """(validations + 1, 4) mean over seeds of (step, pass@1, tokens, seconds), from the base."""
-    curves = [r["curve"] for r in rows if r.get("curve")]
-    if not curves:
-        return None
+# ---- choices on the dev split ---------------------------------------------------------------
+def best_on_dev(points: list[dict[str, float]]) -> dict[str, float]:
+    """The validation with the highest dev pass@1 (the earliest among ties)."""
+    return max(sorted(points, key=lambda p: p["step"]), key=lambda p: p[f"{DEV}/pass@1"])
+
+
+def choose_lr(curves: dict[float, list[dict[str, float]]]) -> float:
+    return max(sorted(curves), key=lambda lr: best_on_dev(curves[lr])[f"{DEV}/pass@1"])
+
+
+def next_lr(curves: dict[float, list[dict[str, float]]]) -> float | None:
+    """One more grid point past the winning edge (none when the winner is inside the grid)."""
+    tried, chosen = sorted(curves), choose_lr(curves)
+    if chosen == tried[-1]:
+        return float(lr_text(tried[-1] * (tried[-1] / tried[-2])))
+    if chosen == tried[0]:
+        return float(lr_text(tried[0] / (tried[1] / tried[0])))
+    return None
+
+
+def mean_curve(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     length = min(len(c) for c in curves)
-    mean = np.mean([np.asarray(c[:length], dtype=float) for c in curves], axis=0)
-    return np.vstack([[0.0, start["val/pass@1"], 0.0, 0.0], mean])
+    return [
+        {k: float(np.mean([c[i][k] for c in curves])) for k in curves[0][i]} for i in range(length)
+    ]
 
 
-def at_tokens(rows: list[dict], curve: np.ndarray | None, budget: float) -> str:
-    """pass@1 at `budget` generated tokens, interpolated along the arm's curve; an arm that
-    generated within 5% of the budget is read at its end; '-' for one that generated far less
-    or far more without a recorded curve."""
-    tokens = float(np.mean([r["tokens"] for r in rows]))
-    if budget <= 0 or tokens < 0.95 * budget:
-        return "-"
-    if curve is None:
-        close = tokens <= 1.05 * budget
-        return f"{np.mean([r['val/pass@1'] for r in rows]):.3f}" if close else "-"
-    return f"{np.interp(min(budget, tokens), curve[:, 2], curve[:, 1]):.3f}"
+def grid_curves(out: Path, name: str) -> dict[float, list[dict[str, float]]]:
+    return {lr: curve(path) for lr, path in grid_dirs(out, name).items()}
 
 
-def mean_std(values: list[float]) -> str:
-    return (
-        f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+def tune(names: list[str], out: Path, workers: int) -> dict[str, float]:
+    """Each arm's learning rate on dev (seed 0): the grid (already run), then one more point
+    past a winning edge, twice at most, the arms' extra points run side by side."""
+    for _ in range(2):
+        extra = {n: next_lr(grid_curves(out, n)) for n in names}
+        jobs = [run_job(n, ARMS[n], lr, 0, out) for n, lr in extra.items() if lr is not None]
+        if not jobs:
+            break
+        run_all(jobs, workers)
+    return {n: choose_lr(grid_curves(out, n)) for n in names}
+
+
+def run_job(name: str, arm: Arm, lr: float, seed: int, out: Path) -> Callable[[], Path]:
+    path = run_dir(out, name, lr, seed)
+    return lambda: launch(run_overrides(arm, lr, seed, path), path, arm.steps)
+
+
+def grid_dirs(out: Path, name: str) -> dict[float, Path]:
+    """lr -> seed-0 run directory of every finished grid point of an arm."""
+    found = {}
+    for path in (out / slug(name)).glob("lr*/seed0"):
+        lr = float(path.parent.name.removeprefix("lr"))
+        if (path / "stamp.json").exists():
+            found[lr] = path
+    return found
+
+
+# ---- the bases ---------------------------------------------------------------------------------
+def base_eval(model: str, overrides: list[str], out: Path) -> Path:
+    """eval.py on a base with the arithmetic test split (unless `out` holds it); its
+    per-problem record in `out`/store."""
+    if not ((out / "eval.csv").exists() and (out / "stamp.json").exists()):
+        execute(
+            "eval.py",
+            [
+                f"model={model}",
+                *overrides,
+                f"paths.output_dir={out}",
+                f"store={out / 'store'}",
+                "callbacks.progress_bar=null",
+                "logger=none",
+            ],
+            out,
+        )
+    return out
+
+
+def base_taus(out: Path, workers: int) -> dict[str, float]:
+    """Each base's tau_eval, chosen on the dev split by AVG (protocol=base_tau_sweep_arith)."""
+    sweeps = [
+        lambda m=model: base_eval(m, ["protocol=base_tau_sweep_arith"], out / m / "dev_sweep")
+        for model in BASES
+    ]
+    paths = run_all(sweeps, workers)
+    return {
+        m: json.loads((p / "base_tau.json").read_text())["tau_eval"]
+        for m, p in zip(BASES, paths, strict=True)
+    }
+
+
+def base_rows(chosen: dict[str, float]) -> dict[tuple[str, str], float]:
+    """(model, row label) -> tau_eval: the test split at tau_eval 1, at 0.6 (Online SFT's
+    tau_s), at 0 (greedy) and at the tau chosen on dev (a row of its own even when it equals
+    one of the others)."""
+    rows = {}
+    for model, tau in chosen.items():
+        base = BASES[model]
+        rows[model, f"{base} at tau_eval 1"] = 1.0
+        rows[model, f"{base} at tau_eval 0.6"] = 0.6
+        rows[model, f"{base}, greedy (tau_eval 0)"] = 0.0
+        rows[model, f"{base} at its dev-chosen tau_eval ({tau:g})"] = tau
+    return rows
+
+
+def base_dir(out: Path, model: str, tau: float, seed: int) -> Path:
+    """Rows of one base at the same tau share their evaluations (the same config)."""
+    return out / model / f"tau{tau:g}" / f"seed{seed}"
+
+
+def base_job(model: str, tau: float, seed: int, path: Path) -> Callable[[], Path]:
+    return lambda: base_eval(model, [f"validation.tau_eval={tau}", f"seed={seed}"], path)
+
+
+def base_jobs(chosen: dict[str, float], out: Path) -> list[Callable[[], Path]]:
+    return [
+        base_job(model, tau, seed, base_dir(out, model, tau, seed))
+        for model, tau in dict.fromkeys((m, t) for (m, _), t in base_rows(chosen).items())
+        for seed in BASE_SEEDS
+    ]
+
+
+# ---- records ----------------------------------------------------------------------------------
+def record_bases(chosen: dict[str, float], out: Path) -> None:
+    """The bases' test evaluations: one record per (row, seed) in the plateau and the
+    equal-token tables (a base does not train: the same rows in both)."""
+    for (model, label), tau in base_rows(chosen).items():
+        for seed in BASE_SEEDS:
+            path = base_dir(out, model, tau, seed)
+            made = ResultStore(path / "store").records()[-1]
+            s = stamp(path)
+            for table in ("online_sft.plateau", "online_sft.tokens"):
+                STORE.add(
+                    table=table,
+                    arm=label,
+                    seed=seed,
+                    config_hash=s["config_hash"],
+                    base_model=model,
+                    metrics={
+                        "test/pass@1": made["metrics"]["val/pass@1"],
+                        "test/pass@8": made["metrics"]["val/pass@8"],
+                        "test/greedy_acc": made["metrics"]["val/greedy_acc"],
+                        "tau_eval": tau,
+                        "step": 0,
+                        "tokens": 0,
+                    },
+                    problems=made["problems"],
+                    measured_at=(s["commit"], s["dirty"]),
+                )
+
+
+def record_grid(name: str, arm: Arm, out: Path, chosen_lr: float) -> None:
+    """Seed 0's dev curve of every learning rate the arm tried (the dev grid table)."""
+    for lr, path in sorted(grid_dirs(out, name).items()):
+        points = curve(path)
+        best = best_on_dev(points)
+        half = [p for p in points if p["step"] >= points[-1]["step"] / 2]
+        s = stamp(path)
+        STORE.add(
+            table="online_sft.dev_grid",
+            arm=f"{name} @ lr {lr_text(lr)}" + (" (chosen)" if lr == chosen_lr else ""),
+            seed=0,
+            config_hash=s["config_hash"],
+            base_model=arm.base,
+            metrics={
+                "lr": lr,
+                "dev/pass@1 best": best[f"{DEV}/pass@1"],
+                "best step": best["step"],
+                "dev/pass@1 end": points[-1][f"{DEV}/pass@1"],
+                "dev gain, 2nd half": points[-1][f"{DEV}/pass@1"] - half[0][f"{DEV}/pass@1"],
+            },
+            extra={"curve": points},
+            measured_at=(s["commit"], s["dirty"]),
+        )
+
+
+def token_budget(out: Path, lrs: dict[str, float]) -> float:
+    """The equal-token budget: the fewest tokens any online arm generated over its run (mean
+    over its seeds), so that every online arm has a validation at or below it."""
+    finals = []
+    for name, arm in ARMS.items():
+        paths = [run_dir(out, name, lrs[name], s) for s in range(arm.seeds)]
+        tokens = [curve(p)[-1]["tokens"] for p in paths]
+        if "offline" not in name and "gold" not in name:
+            finals.append(float(np.mean(tokens)))
+    return min(finals)
+
+
+def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None:
+    """The arm's seeds at its chosen lr: test at the step chosen on the mean dev curve
+    (online_sft.plateau) and at the last validation within the token budget (online_sft.tokens)."""
+    paths = [run_dir(out, name, lr, s) for s in range(arm.seeds)]
+    curves = [curve(p) for p in paths]
+    stop = best_on_dev(mean_curve(curves))["step"]
+    for seed, (path, points) in enumerate(zip(paths, curves, strict=True)):
+        within = [p for p in points if p["tokens"] <= budget] or points[:1]
+        s = stamp(path)
+        for table, point in (
+            ("online_sft.plateau", stop),
+            ("online_sft.tokens", within[-1]["step"]),
+        ):
+            at = next(p for p in points if p["step"] == point)
+            STORE.add(
+                table=table,
+                arm=name,
+                seed=seed,
+                config_hash=s["config_hash"],
+                base_model=arm.base,
+                metrics={
+                    **{f"test/{m}": at[f"{TEST}/{m}"] for m in ("pass@1", "pass@8", "greedy_acc")},
+                    "dev/pass@1": at[f"{DEV}/pass@1"],
+                    "lr": lr,
+                    "step": point,
+                    "tokens": at["tokens"],
+                },
+                problems=outcomes_at(path, point),
+                extra={"curve": points},
+                measured_at=(s["commit"], s["dirty"]),
+            )
+
+
+# ---- tables -------------------------------------------------------------------------------------
+def outcome_table(name: str, caption: str) -> Table:
+    return Table(
+        name,
+        [
+            Column("test pass@1 (tau_eval 1)", "test/pass@1"),
+            Column("greedy acc", "test/greedy_acc"),
+            Column("pass@8", "test/pass@8"),
+            Column("lr (1e-4)", "lr", scale=1e4, digits=2, interval=False),
+            Column("step", "step", digits=0, interval=False),
+            Column("tokens generated", "tokens", digits=0, interval=False),
+            Column("paper pass@1 (%)", label_key="paper"),
+        ],
+        caption=caption,
+        problem_fields={"test/pass@1": "correct"},
+        labels={name: {"paper": arm.paper} for name, arm in ARMS.items()},
     )
 
 
-def table(results: dict[str, list[dict]], bases: dict[str, dict]) -> str:
-    budget = np.mean([r["tokens"] for r in results[OSFT]]) if OSFT in results else 0.0
+@dataclass(frozen=True)
+class Prediction:
+    """A prediction stated before the study ran: `first` compared with `second` in `table`
+    ('above': the 95% interval of first - second is above 0; 'level': inside +-EQUIVALENCE;
+    'not above': its lower end is at or below 0)."""
+
+    text: str
+    table: str
+    first: str
+    second: str
+    relation: str
+
+
+GREEDY = "base, greedy (tau_eval 0)"
+BASE_AT_1 = "base at tau_eval 1"
+PLATEAU, TOKENS = "online_sft.plateau", "online_sft.tokens"
+COUPLED, OFFLINE = "coupled (tau_s = tau_t = 1)", "offline (one frozen set, then SFT)"
+PREDICTIONS = [
+    Prediction(
+        "P1. Online SFT ends above the base at tau_eval 1.", PLATEAU, OSFT, BASE_AT_1, "above"
+    ),
+    Prediction(
+        "P2. Coupled temperatures stay level with the base at tau_eval 1 (expected gradient 0).",
+        PLATEAU,
+        COUPLED,
+        BASE_AT_1,
+        "level",
+    ),
+    Prediction(
+        "P3. The offline variant levels off near the base at tau_eval = tau_s = 0.6.",
+        PLATEAU,
+        OFFLINE,
+        "base at tau_eval 0.6",
+        "level",
+    ),
+    Prediction("P4. Online SFT ends above the offline variant.", PLATEAU, OSFT, OFFLINE, "above"),
+    Prediction(
+        "P5. Online SFT sharpens toward the base's greedy accuracy, not past it.",
+        PLATEAU,
+        OSFT,
+        GREEDY,
+        "not above",
+    ),
+    Prediction(
+        "P6. EM-FT sharpens like Online SFT (level with it).",
+        PLATEAU,
+        "EM-FT (entropy minimisation)",
+        OSFT,
+        "level",
+    ),
+    Prediction(
+        "P7. GRPO (with a reward) ends above Online SFT at equal generated tokens.",
+        TOKENS,
+        "GRPO (G = 8)",
+        OSFT,
+        "above",
+    ),
+    Prediction(
+        "P8. Annealing tau_s to 1 ends below Online SFT at equal tokens.",
+        TOKENS,
+        OSFT,
+        "tau_s annealed 0.6 -> 1",
+        "above",
+    ),
+    Prediction(
+        "P9. At equal tokens G = 4 is not above G = 1.",
+        TOKENS,
+        "Online SFT, G = 4",
+        OSFT,
+        "not above",
+    ),
+    Prediction(
+        "P10. At equal tokens G = 8 is not above G = 1.",
+        TOKENS,
+        "Online SFT, G = 8",
+        OSFT,
+        "not above",
+    ),
+    Prediction(
+        "P11. SFT on gold solutions ends above Online SFT.",
+        PLATEAU,
+        "SFT on gold solutions",
+        OSFT,
+        "above",
+    ),
+    Prediction(
+        "P12. Online SFT does not beat the base at its dev-chosen tau_eval.",
+        PLATEAU,
+        OSFT,
+        "base at its dev-chosen tau_eval",
+        "not above",
+    ),
+    Prediction(
+        "P13. From the under-trained base, Online SFT does not beat that base at its dev-chosen "
+        "tau_eval (the paper's failure case).",
+        PLATEAU,
+        "Online SFT from the under-trained base",
+        "under-trained base at its dev-chosen tau_eval",
+        "not above",
+    ),
+]
+
+
+def grids(
+    records: list[dict[str, Any]], table: str, first: str, second: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(seeds, problems) pass@1 grids of two rows of `table` ('second' may be a row's prefix:
+    a base's dev-chosen row names its tau), on the seeds both have."""
+
+    def rows(label: str) -> dict[int, np.ndarray]:
+        found = [r for r in records if r["table"] == table and r["arm"].startswith(label)]
+        return {r["seed"]: np.array([p["correct"] / p["n"] for p in r["problems"]]) for r in found}
+
+    a, b = rows(first), rows(second)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    return np.stack([a[s] for s in seeds]), np.stack([b[s] for s in seeds])
+
+
+def verdict(prediction: Prediction, records: list[dict[str, Any]]) -> str:
+    pair = grids(records, prediction.table, prediction.first, prediction.second)
+    if pair is None:
+        return f"| {prediction.text} | - | not measured |"
+    estimate = paired_difference(*pair)
+    low, high = estimate.low, estimate.high
+    held = {
+        "above": low > 0,
+        "level": low >= -EQUIVALENCE and high <= EQUIVALENCE,
+        "not above": low <= 0,
+    }[prediction.relation]
+    seeds = pair[0].shape[0]
+    cell = f"{100 * estimate.mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] ({seeds} seeds)"
+    return f"| {prediction.text} | {cell} | {'held' if held else 'FAILED'} |"
+
+
+def render_verdicts(records: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | seeds | steps | pass@1 (tau_eval 1) | greedy acc | pass@8 | wall s "
-        f"| tokens generated | pass@1 at {budget / 1e3:,.0f}k tokens | paper pass@1 (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| prediction (stated before the runs) | first - second, pass@1 points [95% interval] "
+        "| verdict |",
+        "|---|---|---|",
+        *(verdict(p, records) for p in PREDICTIONS),
+        "",
+        f"'above': the interval is above 0; 'level': inside +-{100 * EQUIVALENCE:g} points; "
+        "'not above': its lower end is at or below 0. Paired over the seeds both rows have and "
+        "the 256 test problems (hierarchical bootstrap). Generated from the store; do not edit.",
     ]
-    for name, row in bases.items():
-        paper = "22.7" if name.startswith("base at its best") else "-"
-        lines.append(
-            f"| {name} | - | - | {row['val/pass@1']:.3f} | {row['val/greedy_acc']:.3f} | "
-            f"{row['val/pass@8']:.3f} | - | - | - | {paper} |"
-        )
-    for name, rows in results.items():
-        cells = [mean_std([r[k] for r in rows]) for k in COLUMNS]
-        wall, tokens = np.mean([r["wall_s"] for r in rows]), np.mean([r["tokens"] for r in rows])
-        matched = at_tokens(rows, mean_curve(rows, start_of(name, bases)), budget)
-        paper = ARMS[name].paper if name in ARMS else "-"
-        steps = rows[0]["curve"][-1][0] + 1 if rows[0].get("curve") else 200  # old rows: 200
-        lines.append(
-            f"| {name} | {len(rows)} | {steps} | {' | '.join(cells)} | {wall:.0f} "
-            f"| {tokens:,.0f} | {matched} | {paper} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: dict[str, list[dict]], bases: dict[str, dict]) -> None:
-    """pass@1 against optimiser steps, generated tokens and wall time, every arm. Arms whose
-    rows predate the recorded curves are drawn as their final point (hollow marker)."""
+DEV_COLUMNS = [
+    Column("dev pass@1 at its best step", "dev/pass@1 best"),
+    Column("best step", "best step", digits=0, interval=False),
+    Column("dev pass@1 at the end", "dev/pass@1 end"),
+    Column("dev gain over the 2nd half", "dev gain, 2nd half"),
+]
+TABLES = [
+    Table(
+        "online_sft.dev_grid",
+        DEV_COLUMNS,
+        counts=False,
+        caption="**Learning rates on the dev split** (seed 0, one run per row; no interval): "
+        "each arm's grid, the chosen one marked. 'dev gain over the 2nd half': dev pass@1 at the "
+        "end minus at the first validation of the run's second half (near 0: a plateau).",
+    ),
+    outcome_table(
+        "online_sft.plateau",
+        "**At the plateau**: each arm at its dev-chosen learning rate, scored on the test split "
+        "at the step where its mean dev pass@1 over the seeds peaked; the bases at tau_eval 1, "
+        "0.6, 0 (greedy) and the tau chosen on dev, over 5 evaluation seeds.",
+    ),
+    outcome_table(
+        "online_sft.tokens",
+        "**At equal generated tokens**: each arm's last validation within the budget (the fewest "
+        "tokens an online arm generated in its run); the offline set and gold SFT generate less "
+        "and are read at their ends.",
+    ),
+    Paired(
+        "online_sft.paired",
+        source="online_sft.plateau",
+        reference=OSFT,
+        outcomes=[("test pass@1 - Online SFT's (points)", "correct")],
+        rows=tuple(ARMS),
+        caption="**Paired differences at the plateau**, each row minus Online SFT.",
+        scale=100,
+    ),
+    Generated("online_sft.verdicts", ("online_sft.plateau", "online_sft.tokens"), render_verdicts),
+]
+
+
+# ---- the plot -----------------------------------------------------------------------------------
+def plot(records: list[dict[str, Any]]) -> None:
+    """Dev pass@1 against optimiser steps and against generated tokens (mean over seeds, each
+    arm at its chosen lr), and every arm's learning-rate grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(20, 5))
-    colours = plt.cm.tab20(np.linspace(0, 1, max(len(results), 2)))
-    for colour, (name, rows) in zip(colours, results.items(), strict=False):
-        start = start_of(name, bases)
-        curve = mean_curve(rows, start)
-        for axis, column in zip(axes, (0, 2, 3), strict=True):
-            if column == 2 and np.mean([r["tokens"] for r in rows]) == 0:
-                continue  # SFT generates nothing: no point against tokens
-            if curve is not None:
-                axis.plot(curve[:, column], curve[:, 1], marker="o", ms=3, color=colour, label=name)
-                continue
-            final = {0: 200, 2: np.mean([r["tokens"] for r in rows])}.get(column)
-            final = final if final is not None else np.mean([r["wall_s"] for r in rows])
-            pass1 = np.mean([r["val/pass@1"] for r in rows])
-            axis.plot([0, final], [start["val/pass@1"], pass1], ls=":", color=colour)
-            axis.plot([final], [pass1], marker="o", mfc="none", color=colour, label=name)
-    labels = ("optimiser step", "tokens generated in training", "wall time of the run (s)")
-    for axis, label in zip(axes, labels, strict=True):
-        axis.set_xlabel(label)
-        axis.set_ylabel("val pass@1 (tau_eval 1)")
-        axis.grid(alpha=0.3)
-    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    figure.tight_layout()
-    figure.savefig(HERE / "pass1_curves.png", dpi=120)
-
-
-# results.json's history: the commit at which each row's numbers entered the repository.
-LEGACY_COMMITS = ("14b131f", "25d170c", "0c835db", "aa48c29", "8d22e3f", "4364f83", "af49aff")
-
-
-def import_legacy() -> None:
-    """Records (marked stale with their commit) of every row of the last results.json, each
-    with the commit at which its numbers last changed; replaces the store's file."""
-    rows, first = {}, {}
-    for commit in LEGACY_COMMITS:
-        shown = subprocess.run(
-            ["git", "show", f"{commit}:experiments/online_sft/results.json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        saved = json.loads(shown)
-        found = {("online_sft.bases", k): [v] for k, v in saved.get("bases", {}).items()}
-        found |= {("online_sft.main", k): v for k, v in saved.get("runs", {}).items()}
-        for key, value in found.items():
-            if rows.get(key) != value:
-                first[key] = commit
-            rows[key] = value
-    final = json.loads((HERE / "results.json").read_text())
-    kept = {("online_sft.bases", k) for k in final["bases"]} | {
-        ("online_sft.main", k) for k in final["runs"]
-    }
-    STORE.path.unlink(missing_ok=True)
-    for (table, arm), runs in rows.items():
-        if (table, arm) not in kept:
+    chosen = [r for r in records if r["table"] == "online_sft.plateau" and r.get("extra")]
+    figure, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for name in ARMS:
+        curves = [r["extra"]["curve"] for r in chosen if r["arm"] == name]
+        if not curves:
             continue
-        for seed, result in enumerate(runs):
-            steps = result["curve"][-1][0] + 1 if result.get("curve") else 200  # old rows: 200
-            STORE.add(
-                table=table,
-                arm=arm,
-                seed=seed if table == "online_sft.main" else None,
-                config_hash="legacy",
-                base_model="arith_base_undertrained" if "under-trained" in arm else "arith_base",
-                metrics=metric_values(result)
-                | ({"steps": steps} if table.endswith("main") else {}),
-                counts=VALIDATION,
-                stale=first[(table, arm)],
+        mean = mean_curve(curves)
+        for axis, key in zip(axes, ("step", "tokens"), strict=True):
+            if key == "tokens" and mean[-1]["tokens"] == 0:
+                continue
+            axis.plot(
+                [p[key] for p in mean],
+                [p[f"{DEV}/pass@1"] for p in mean],
+                marker="o",
+                ms=3,
+                label=name,
             )
+    for axis, label in zip(axes, ("optimiser step", "tokens generated in training"), strict=True):
+        axis.set_xlabel(label)
+        axis.set_ylabel("dev pass@1 (tau_eval 1), mean over seeds")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    figure.tight_layout()
+    figure.savefig(HERE / "pass1_curves.png", dpi=110)
+    grid = [r for r in records if r["table"] == "online_sft.dev_grid"]
+    names = list(dict.fromkeys(r["arm"].split(" @ ")[0] for r in grid))
+    columns = 4
+    figure, axes = plt.subplots(
+        math.ceil(len(names) / columns),
+        columns,
+        figsize=(16, 3 * math.ceil(len(names) / columns)),
+        squeeze=False,
+    )
+    for axis, name in zip(axes.flat, names, strict=False):
+        for r in (r for r in grid if r["arm"].startswith(f"{name} @ ")):
+            points = r["extra"]["curve"]
+            axis.plot(
+                [p["step"] for p in points],
+                [p[f"{DEV}/pass@1"] for p in points],
+                marker="o",
+                ms=3,
+                label=r["arm"].split(" @ ")[1],
+            )
+        axis.set_title(name, fontsize=8)
+        axis.legend(fontsize=6)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(HERE / "lr_grid.png", dpi=90)
+
+
+# ---- the study ----------------------------------------------------------------------------------
+def study(out: Path, workers: int) -> None:
+    """Bases first (their tau on dev, then the test scores), then every arm's grid, then each
+    arm's further seeds at its chosen lr; finally the records and the plots."""
+    chosen = base_taus(out, workers)
+    print("base tau_eval chosen on dev:", chosen, flush=True)
+    run_all(base_jobs(chosen, out), workers)
+    order = sorted(ARMS, key=lambda n: -ARMS[n].seeds)  # the 5-seed arms first
+    grid_jobs = [run_job(n, ARMS[n], lr, 0, out) for n in order for lr in GRID]
+    run_all(grid_jobs, workers)
+    lrs = tune(order, out, workers)
+    print("learning rates chosen on dev:", {n: lr_text(lr) for n, lr in lrs.items()}, flush=True)
+    seed_jobs = [
+        run_job(n, ARMS[n], lrs[n], s, out) for n in order for s in range(1, ARMS[n].seeds)
+    ]
+    run_all(seed_jobs, workers)
+    write_records(out, chosen, lrs)
+
+
+def write_records(out: Path, chosen: dict[str, float], lrs: dict[str, float]) -> None:
+    """The study's store, rebuilt from the run directories (each record stamped with the commit
+    its run was launched from)."""
+    STORE.path.unlink(missing_ok=True)
+    record_bases(chosen, out)
+    budget = token_budget(out, lrs)
+    for name, arm in ARMS.items():
+        record_grid(name, arm, out, lrs[name])
+        record_arm(name, arm, lrs[name], out, budget)
+    plot(STORE.records())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument(
-        "--few-seeds",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="seeds of the expensive arms and of those that start from the under-trained base",
-    )
-    parser.add_argument(
-        "--arms", nargs="+", default=[""], help="run only the arms whose name contains one of these"
-    )
-    parser.add_argument(
-        "--sweep-bases",
-        action="store_true",
-        help="with --arms: sweep the bases again (after their recipe changed), not read them",
-    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     parser.add_argument("--report", action="store_true", help="write the README's tables")
     parser.add_argument("--check", action="store_true", help="exit 1 if a README table is off")
-    parser.add_argument(
-        "--import-legacy", action="store_true", help="rebuild the store from results.json's history"
-    )
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
-    if args.import_legacy:
-        import_legacy()
     if args.report or args.check:
         mode = "report" if args.report else "check"
         readmes = [HERE / "README.md", ROOT / "README.md"]
         sys.exit(report_or_check(mode, readmes, "online_sft", TABLES, STORE.records(), ROOT))
-    saved = (
-        json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
-    )
-    everything = args.arms == [""]
-    # A partial rerun keeps the saved base sweeps rather than rebuilding both bases.
-    fresh_bases = everything or args.sweep_bases or "bases" not in saved
-    bases = sweep_bases(args.out) if fresh_bases else saved["bases"]
-    results = {} if everything else dict(saved.get("runs", {}))
-    for name, arm in ARMS.items():
-        if not any(pattern in name for pattern in args.arms):
-            continue
-        seeds = args.few_seeds if arm.few_seeds else args.seeds
-        slug = re.sub(r"[^a-z0-9]+", "_", name.split(" (")[0].lower()).strip("_")
-        results[name] = [
-            record_arm(name, arm.overrides, seed, args.out / slug / f"seed{seed}") for seed in seeds
-        ]
-        results = {n: results[n] for n in ARMS if n in results}  # table order = ARMS order
-        (HERE / "results.json").write_text(json.dumps({"bases": bases, "runs": results}, indent=1))
-    plot_curves(results, bases)
-    text = table(results, bases)
-    print(text)
-    (HERE / "results.md").write_text(
-        f"Seeds: {args.seeds} (few-seed arms: {args.few_seeds})\n\n{text}\n"
-    )
+    study(args.out, args.jobs)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from osftkit.data.arithmetic import build_arithmetic
 from osftkit.data.datamodule import PromptDataModule
 from osftkit.data.math_sets import DataLoadError, load_prompt_table
-from osftkit.data.splits import disjoint_rows
+from osftkit.data.splits import disjoint_rows, without_problems
 
 __all__ = [
     "DataLoadError",
@@ -11,4 +11,5 @@ __all__ = [
     "build_arithmetic",
     "disjoint_rows",
     "load_prompt_table",
+    "without_problems",
 ]

@@ -195,12 +195,24 @@ PAIRED = (
 )
 
 
-AnyTable = Table | Paired
+@dataclass(frozen=True)
+class Generated:
+    """A block that a study's own function writes from the records (its verdicts on the
+    predictions it stated), reading the rows of the tables named in `sources`."""
+
+    name: str
+    sources: Sequence[str]
+    write: Callable[[list[dict[str, Any]]], str] = field(compare=False)
+
+
+AnyTable = Table | Paired | Generated
 
 
 def render(table: AnyTable, records: list[dict[str, Any]]) -> str:
     if isinstance(table, Paired):
         return render_paired(table, records)
+    if isinstance(table, Generated):
+        return table.write(records)
     return render_table(table, records)
 
 
@@ -249,7 +261,12 @@ def same_code(first: str, second: str, root: Path) -> bool:
 
 def mixed_commits(table: AnyTable, records: list[dict[str, Any]], root: Path) -> list[str]:
     """Rows of `table` (not stale) measured on a dirty tree or on code that differs from its
-    first row's."""
+    first row's (a generated block: those of all its source tables together)."""
+    if isinstance(table, Generated):
+        sources = [r for r in records if r["table"] in table.sources]
+        return mixed_commits(
+            Table(table.name, []), [{**r, "table": table.name} for r in sources], root
+        )
     source = Table(table.source, []) if isinstance(table, Paired) else table
     fresh = [r for rows in group_rows(source, records).values() for r in rows if not r["stale"]]
     if not fresh:

@@ -105,11 +105,14 @@ class ResultStore:
         stale: str | None = None,
         counts: Mapping[str, int] | None = None,
         extra: Mapping[str, Any] | None = None,
+        measured_at: tuple[str, bool] | None = None,
     ) -> dict[str, Any]:
-        """Append one run's record (stamped with the commit of `root`, default: this file's
-        checkout); `samples` (problem_id, sample, response, gold, answer, correct) go to their
-        own file; `counts` (problems, samples) states them for a record without outcomes."""
-        commit, dirty = git_state(root or Path(__file__).resolve().parent)
+        """Append one run's record, stamped with `measured_at` (the commit and dirtiness of
+        the checkout the run was launched from) or else the commit of `root` (default: this
+        file's checkout) now; `samples` (problem_id, sample, response, gold, answer, correct)
+        go to their own file; `counts` (problems, samples) states them for a record without
+        outcomes."""
+        commit, dirty = measured_at or git_state(root or Path(__file__).resolve().parent)
         record: dict[str, Any] = {
             "table": table,
             "arm": arm,
