@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -386,29 +387,25 @@ def record_grid(name: str, arm: Arm, out: Path, chosen_lr: float) -> None:
 
 
 def token_budget(out: Path, lrs: dict[str, float]) -> float:
-    """The equal-token budget: the fewest tokens any online arm generated over its run (mean
-    over its seeds), so that every online arm has a validation at or below it."""
-    finals = []
-    for name, arm in ARMS.items():
-        paths = [run_dir(out, name, lrs[name], s) for s in range(arm.seeds)]
-        tokens = [curve(p)[-1]["tokens"] for p in paths]
-        if "offline" not in name and "gold" not in name:
-            finals.append(float(np.mean(tokens)))
-    return min(finals)
+    """The equal-token budget: the tokens Online SFT generates in its run (mean over seeds);
+    every online arm generates about as many responses."""
+    arm = ARMS[OSFT]
+    paths = [run_dir(out, OSFT, lrs[OSFT], s) for s in range(arm.seeds)]
+    return float(np.mean([curve(p)[-1]["tokens"] for p in paths]))
 
 
 def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None:
     """The arm's seeds at its chosen lr: test at the step chosen on the mean dev curve
-    (online_sft.plateau) and at the last validation within the token budget (online_sft.tokens)."""
+    (online_sft.plateau) and at its validation closest to the token budget (online_sft.tokens)."""
     paths = [run_dir(out, name, lr, s) for s in range(arm.seeds)]
     curves = [curve(p) for p in paths]
-    stop = best_on_dev(mean_curve(curves))["step"]
+    stop = int(best_on_dev(mean_curve(curves))["step"])
     for seed, (path, points) in enumerate(zip(paths, curves, strict=True)):
-        within = [p for p in points if p["tokens"] <= budget] or points[:1]
+        closest = min(points, key=lambda p: abs(p["tokens"] - budget))
         s = stamp(path)
         for table, point in (
             ("online_sft.plateau", stop),
-            ("online_sft.tokens", within[-1]["step"]),
+            ("online_sft.tokens", closest["step"]),
         ):
             at = next(p for p in points if p["step"] == point)
             STORE.add(
@@ -428,6 +425,46 @@ def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None
                 extra={"curve": points},
                 measured_at=(s["commit"], s["dirty"]),
             )
+
+
+def started(log: Path) -> float:
+    """The time of a run log's first line (its process's start)."""
+    first = log.open().readline()
+    return time.mktime(time.strptime(first[1:20], "%Y-%m-%d %H:%M:%S"))
+
+
+def record_cost(out: Path) -> None:
+    """The study's wall time (first process start to last process end) and its runs' summed
+    process time, from the run directories."""
+    stamps = list(out.rglob("stamp.json"))
+    starts = [started(s.parent / "run.log") for s in stamps]
+    ends = [s.stat().st_mtime for s in stamps]
+    commits = {json.loads(s.read_text())["commit"] for s in stamps}
+    STORE.add(
+        table="online_sft.cost",
+        arm="the whole study",
+        seed=None,
+        config_hash="-",
+        base_model="-",
+        metrics={
+            "processes": len(stamps),
+            "wall_s": max(ends) - min(starts),
+            "process_s": sum(e - s for s, e in zip(starts, ends, strict=True)),
+        },
+        measured_at=(sorted(commits)[0], len(commits) > 1),
+    )
+
+
+def render_cost(records: list[dict[str, Any]]) -> str:
+    found = [r["metrics"] for r in records if r["table"] == "online_sft.cost"]
+    if not found:
+        return "Not run yet.\n"
+    cost = found[-1]
+    return (
+        f"{cost['processes']:.0f} processes (training runs and evaluations), two at a time with "
+        f"one torch thread each on 2 CPU cores: {cost['wall_s'] / 3600:.2f} hours of wall time "
+        f"({cost['process_s'] / 3600:.2f} process-hours). Generated from the store; do not edit.\n"
+    )
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -622,9 +659,9 @@ TABLES = [
     ),
     outcome_table(
         "online_sft.tokens",
-        "**At equal generated tokens**: each arm's last validation within the budget (the fewest "
-        "tokens an online arm generated in its run); the offline set and gold SFT generate less "
-        "and are read at their ends.",
+        "**At equal generated tokens**: each arm at its validation closest to the tokens Online "
+        "SFT generates in its run (every online arm generates about as many responses); the "
+        "offline set and gold SFT generate less and are read at their ends.",
     ),
     Paired(
         "online_sft.paired",
@@ -636,6 +673,7 @@ TABLES = [
         scale=100,
     ),
     Generated("online_sft.verdicts", ("online_sft.plateau", "online_sft.tokens"), render_verdicts),
+    Generated("online_sft.cost", ("online_sft.cost",), render_cost),
 ]
 
 
@@ -721,6 +759,7 @@ def write_records(out: Path, chosen: dict[str, float], lrs: dict[str, float]) ->
     """The study's store, rebuilt from the run directories (each record stamped with the commit
     its run was launched from)."""
     STORE.path.unlink(missing_ok=True)
+    record_cost(out)
     record_bases(chosen, out)
     budget = token_budget(out, lrs)
     for name, arm in ARMS.items():
