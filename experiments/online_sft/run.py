@@ -15,6 +15,7 @@ records (results/records.jsonl) carry it, and `--check` fails if two rows differ
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -361,6 +362,28 @@ def record_bases(chosen: dict[str, float], out: Path) -> None:
                 )
 
 
+def record_base_sweeps(chosen: dict[str, float], out: Path) -> None:
+    """Each base's dev sweep over tau_eval (the table its tau was chosen from), and its plot."""
+    for model, tau_chosen in chosen.items():
+        sweep = out / model / "dev_sweep"
+        s = stamp(sweep)
+        with (sweep / "dev_sweep" / "eval.csv").open() as handle:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        for row in rows:
+            tau = row["tau_eval"]
+            STORE.add(
+                table="online_sft.base_dev",
+                arm=f"{BASES[model]} @ tau_eval {tau:g}"
+                + (" (chosen)" if tau == tau_chosen else ""),
+                seed=0,
+                config_hash=s["config_hash"],
+                base_model=model,
+                metrics={f"dev/{k.removeprefix('val/')}": v for k, v in row.items()},
+                measured_at=(s["commit"], s["dirty"]),
+            )
+        shutil.copy(sweep / "dev_sweep" / "tau_sweep.png", HERE / f"{model}_dev_tau_sweep.png")
+
+
 def record_grid(name: str, arm: Arm, out: Path, chosen_lr: float) -> None:
     """Seed 0's dev curve of every learning rate the arm tried (the dev grid table)."""
     for lr, path in sorted(grid_dirs(out, name).items()):
@@ -644,6 +667,18 @@ DEV_COLUMNS = [
 ]
 TABLES = [
     Table(
+        "online_sft.base_dev",
+        [
+            Column("dev pass@1", "dev/pass@1"),
+            Column("dev pass@8", "dev/pass@8"),
+            Column("dev AVG", "dev/avg"),
+            Column("dev greedy acc", "dev/greedy_acc"),
+        ],
+        counts=False,
+        caption="**Each base's tau_eval on the dev split** (one evaluation per tau, n = 8; "
+        "chosen by AVG, SePT's criterion).",
+    ),
+    Table(
         "online_sft.dev_grid",
         DEV_COLUMNS,
         counts=False,
@@ -687,12 +722,22 @@ def plot(records: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     chosen = [r for r in records if r["table"] == "online_sft.plateau" and r.get("extra")]
+    start = {  # each base's dev pass@1 at tau_eval 1: every curve's step 0
+        r["base_model"]: r["metrics"]["dev/pass@1"]
+        for r in records
+        if r["table"] == "online_sft.base_dev" and r["metrics"]["dev/tau_eval"] == 1.0
+    }
     figure, axes = plt.subplots(1, 2, figsize=(14, 5))
     for name in ARMS:
         curves = [r["extra"]["curve"] for r in chosen if r["arm"] == name]
         if not curves:
             continue
-        mean = mean_curve(curves)
+        origin = {"step": 0.0, "tokens": 0.0, f"{DEV}/pass@1": start.get(ARMS[name].base)}
+        mean = (
+            [origin, *mean_curve(curves)]
+            if origin[f"{DEV}/pass@1"] is not None
+            else mean_curve(curves)
+        )
         for axis, key in zip(axes, ("step", "tokens"), strict=True):
             if key == "tokens" and mean[-1]["tokens"] == 0:
                 continue
@@ -760,6 +805,7 @@ def write_records(out: Path, chosen: dict[str, float], lrs: dict[str, float]) ->
     its run was launched from)."""
     STORE.path.unlink(missing_ok=True)
     record_cost(out)
+    record_base_sweeps(chosen, out)
     record_bases(chosen, out)
     budget = token_budget(out, lrs)
     for name, arm in ARMS.items():
