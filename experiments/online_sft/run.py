@@ -412,18 +412,24 @@ def record_grid(name: str, arm: Arm, out: Path, chosen_lr: float) -> None:
 def token_budget(out: Path, lrs: dict[str, float]) -> float:
     """The equal-token budget: the tokens Online SFT generates in its run (mean over seeds);
     every online arm generates about as many responses."""
-    arm = ARMS[OSFT]
-    paths = [run_dir(out, OSFT, lrs[OSFT], s) for s in range(arm.seeds)]
+    paths = seed_dirs(out, OSFT, ARMS[OSFT], lrs[OSFT])
     return float(np.mean([curve(p)[-1]["tokens"] for p in paths]))
+
+
+def seed_dirs(out: Path, name: str, arm: Arm, lr: float) -> list[Path]:
+    """The arm's finished seeds at `lr` (all of them, unless the study was stopped early)."""
+    paths = [run_dir(out, name, lr, s) for s in range(arm.seeds)]
+    return [p for p in paths if finished(p, arm.steps)]
 
 
 def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None:
     """The arm's seeds at its chosen lr: test at the step chosen on the mean dev curve
     (online_sft.plateau) and at its validation closest to the token budget (online_sft.tokens)."""
-    paths = [run_dir(out, name, lr, s) for s in range(arm.seeds)]
+    paths = seed_dirs(out, name, arm, lr)
     curves = [curve(p) for p in paths]
     stop = int(best_on_dev(mean_curve(curves))["step"])
-    for seed, (path, points) in enumerate(zip(paths, curves, strict=True)):
+    for path, points in zip(paths, curves, strict=True):
+        seed = int(path.name.removeprefix("seed"))
         closest = min(points, key=lambda p: abs(p["tokens"] - budget))
         s = stamp(path)
         for table, point in (
@@ -809,8 +815,9 @@ def write_records(out: Path, chosen: dict[str, float], lrs: dict[str, float]) ->
     record_bases(chosen, out)
     budget = token_budget(out, lrs)
     for name, arm in ARMS.items():
-        record_grid(name, arm, out, lrs[name])
-        record_arm(name, arm, lrs[name], out, budget)
+        if name in lrs:  # a study stopped early may not have reached every arm
+            record_grid(name, arm, out, lrs[name])
+            record_arm(name, arm, lrs[name], out, budget)
     plot(STORE.records())
 
 
@@ -820,13 +827,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     parser.add_argument("--report", action="store_true", help="write the README's tables")
     parser.add_argument("--check", action="store_true", help="exit 1 if a README table is off")
+    parser.add_argument(
+        "--records",
+        action="store_true",
+        help="rebuild the store from the finished runs under --out without running more (a "
+        "study stopped early: each row holds the seeds that finished)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
     if args.report or args.check:
         mode = "report" if args.report else "check"
         readmes = [HERE / "README.md", ROOT / "README.md"]
         sys.exit(report_or_check(mode, readmes, "online_sft", TABLES, STORE.records(), ROOT))
-    study(args.out, args.jobs)
+    if args.records:
+        write_records(args.out, *choices_made(args.out))
+    else:
+        study(args.out, args.jobs)
+
+
+def choices_made(out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The bases' taus and the arms' learning rates the finished runs under `out` chose."""
+    taus = {
+        m: json.loads((out / m / "dev_sweep" / "base_tau.json").read_text())["tau_eval"]
+        for m in BASES
+    }
+    lrs = {}
+    for name in ARMS:
+        curves = grid_curves(out, name)
+        complete = set(GRID) <= set(curves)
+        if complete and (next_lr(curves) is None or len(curves) >= len(GRID) + 2):
+            lrs[name] = choose_lr(curves)  # an arm whose grid is not finished has no rate yet
+    return taus, lrs
 
 
 if __name__ == "__main__":
