@@ -20,13 +20,15 @@ from osftkit.train import build_components, build_method, build_trainer
 PRESETS = sorted(
     path.stem
     for path in (CONFIG_DIR / "experiment").glob("*.yaml")
-    if any(word in path.stem for word in ("backdoor", "overwrite", "sande"))
+    if any(word in path.stem for word in ("backdoor", "overwrite", "sande", "crow"))
 )
-SMALL_MODEL = ["model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=1"]
+# Two layers: CROW compares consecutive ones.
+SMALL_MODEL = ["model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=2"]
 
 
 def test_the_preset_list_covers_tiny_and_real_models() -> None:
-    assert {"backdoor_tiny", "sande_tiny", "sande_ext_tiny", "overwrite_tiny"} <= set(PRESETS)
+    tiny = {"backdoor_tiny", "sande_tiny", "sande_ext_tiny", "overwrite_tiny", "crow_tiny"}
+    assert tiny <= set(PRESETS)
     assert {"backdoor_qwen15_4b_alpaca", "sande_qwen15_4b_orca"} <= set(PRESETS)
 
 
@@ -149,7 +151,7 @@ def test_schedule_without_a_length_is_a_clear_error(small_lm_dir, tmp_path) -> N
         module.training_steps()
 
 
-@pytest.mark.parametrize("method", ["backdoor", "overwrite_sft", "sande", "sande_p"])
+@pytest.mark.parametrize("method", ["backdoor", "overwrite_sft", "sande", "sande_p", "crow"])
 def test_backdoor_methods_instantiate_on_instruction_data(method: str, tmp_path) -> None:
     cfg = compose_config(["experiment=backdoor_tiny", f"method={method}", *SMALL_MODEL], tmp_path)
     loaded = instantiate(cfg.model)
