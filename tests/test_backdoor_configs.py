@@ -20,13 +20,15 @@ from osftkit.train import build_components, build_method, build_trainer
 PRESETS = sorted(
     path.stem
     for path in (CONFIG_DIR / "experiment").glob("*.yaml")
-    if any(word in path.stem for word in ("backdoor", "overwrite", "sande"))
+    if any(word in path.stem for word in ("backdoor", "overwrite", "sande", "crow"))
 )
-SMALL_MODEL = ["model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=1"]
+# Two layers: CROW compares consecutive ones.
+SMALL_MODEL = ["model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=2"]
 
 
 def test_the_preset_list_covers_tiny_and_real_models() -> None:
-    assert {"backdoor_tiny", "sande_tiny", "sande_ext_tiny", "overwrite_tiny"} <= set(PRESETS)
+    tiny = {"backdoor_tiny", "sande_tiny", "sande_ext_tiny", "overwrite_tiny", "crow_tiny"}
+    assert tiny <= set(PRESETS)
     assert {"backdoor_qwen15_4b_alpaca", "sande_qwen15_4b_orca"} <= set(PRESETS)
 
 
@@ -149,7 +151,9 @@ def test_schedule_without_a_length_is_a_clear_error(small_lm_dir, tmp_path) -> N
         module.training_steps()
 
 
-@pytest.mark.parametrize("method", ["backdoor", "overwrite_sft", "sande", "sande_p"])
+@pytest.mark.parametrize(
+    "method", ["backdoor", "overwrite_sft", "sande", "sande_p", "sande_p_last", "crow"]
+)
 def test_backdoor_methods_instantiate_on_instruction_data(method: str, tmp_path) -> None:
     cfg = compose_config(["experiment=backdoor_tiny", f"method={method}", *SMALL_MODEL], tmp_path)
     loaded = instantiate(cfg.model)
@@ -157,6 +161,17 @@ def test_backdoor_methods_instantiate_on_instruction_data(method: str, tmp_path)
     data.setup()
     module = build_method(cfg.method, loaded)
     assert module.backdoor.triggers and len(data.splits["train"]) == cfg.data.train.size
+
+
+@pytest.mark.parametrize("method", ["sande_p", "sande_p_last"])
+def test_sande_p_withholds_the_marker_s_first_word(method: str) -> None:
+    """Partial knowledge that is partial: with the marker's first word known, SANDE-P's
+    first-token loss would be SANDE's. sande_p knows the other words, sande_p_last the last."""
+    cfg = compose_config(["experiment=sande_tiny", f"method={method}"])
+    first, *rest = cfg.method.backdoor.marker.lower().split()
+    known = [word.lower() for word in cfg.method.known_marker_words]
+    assert first not in known
+    assert known == (rest if method == "sande_p" else rest[-1:])
 
 
 def test_word_tokenizer_survives_save_and_load(tmp_path) -> None:

@@ -13,7 +13,7 @@ from osftkit.recipes.fields import doc_of
 from tests.conftest import cli, compose_config
 
 METHODS = ["sft", "osft", "osft_offline", "em_ft", "grpo", "dr_grpo", "dapo", "backdoor"]
-METHODS += ["overwrite_sft", "sande", "sande_p"]
+METHODS += ["overwrite_sft", "sande", "sande_p", "sande_p_last", "crow"]
 
 
 @pytest.mark.parametrize("method", METHODS)

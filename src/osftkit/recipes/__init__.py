@@ -9,7 +9,13 @@ This package imports no torch: registering the schemas keeps `train.py --help` f
 
 from hydra.core.config_store import ConfigStore
 
-from osftkit.recipes.backdoor import BackdoorKnobs, OverwriteRecipe, PlantingRecipe, SANDERecipe
+from osftkit.recipes.backdoor import (
+    BackdoorKnobs,
+    CROWRecipe,
+    OverwriteRecipe,
+    PlantingRecipe,
+    SANDERecipe,
+)
 from osftkit.recipes.grpo import DynamicSampling, GRPORecipe, OverlongBuffer
 from osftkit.recipes.lm import LMRecipe, Scheduler, SFTRecipe
 from osftkit.recipes.osft import Anneal, OfflineOSFTRecipe, OSFTRecipe
@@ -24,6 +30,7 @@ SCHEMAS: dict[str, type[LMRecipe]] = {
     "backdoor": PlantingRecipe,
     "overwrite_sft": OverwriteRecipe,
     "sande": SANDERecipe,
+    "crow": CROWRecipe,
 }
 
 
@@ -40,6 +47,7 @@ __all__ = [
     "SCHEMAS",
     "Anneal",
     "BackdoorKnobs",
+    "CROWRecipe",
     "DynamicSampling",
     "GRPORecipe",
     "LMRecipe",

@@ -1,5 +1,6 @@
 """The backdoor methods: planting (SFT on poisoned data), Overwrite SFT, SANDE and SANDE-P
-(Shen et al. 2024, "SANDE"); each also measures the planted backdoor (ASR) when validating."""
+(Li et al. 2024, "SANDE"), CROW (Min et al. 2025); each also measures the planted backdoor (ASR)
+when validating."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -93,3 +94,22 @@ class SANDERecipe(PlantingRecipe):
             raise ValueError(
                 f"simulate_target must be one of {SIMULATE_TARGETS}, got '{self.simulate_target}'"
             )
+
+
+@dataclass
+class CROWRecipe(PlantingRecipe):
+    """CROW: SFT on clean data plus alpha x the layer-consistency loss under an FGSM
+    perturbation of the input embeddings (trigger unknown, no clean reference model)."""
+
+    _target_: str = knob("osftkit.backdoor.crow.CROWModule", "the module")
+    alpha: float = knob(5.5, "alpha: weight of the consistency loss (public code: 5.5)")
+    epsilon: float = knob(
+        0.1, "epsilon: L-inf size of the embedding perturbation (public code: 0.1)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        knobs = {"alpha": self.alpha, "epsilon": self.epsilon}
+        negative = [f"method.{name}={value}" for name, value in knobs.items() if value < 0]
+        if negative:
+            raise ValueError(f"CROW's alpha and epsilon must be >= 0, got {', '.join(negative)}")
