@@ -476,7 +476,8 @@ def record_cost(out: Path) -> None:
     stamps = list(out.rglob("stamp.json"))
     starts = [started(s.parent / "run.log") for s in stamps]
     ends = [s.stat().st_mtime for s in stamps]
-    commits = {json.loads(s.read_text())["commit"] for s in stamps}
+    made = [json.loads(s.read_text()) for s in stamps]
+    first = min(made, key=lambda m: m["commit"] != made[0]["commit"])["commit"]
     STORE.add(
         table="online_sft.cost",
         arm="the whole study",
@@ -488,7 +489,8 @@ def record_cost(out: Path) -> None:
             "wall_s": max(ends) - min(starts),
             "process_s": sum(e - s for s, e in zip(starts, ends, strict=True)),
         },
-        measured_at=(sorted(commits)[0], len(commits) > 1),
+        # Its runs' commits differ only outside src/ and configs/ (--check compares the rows).
+        measured_at=(first, any(m["dirty"] for m in made)),
     )
 
 
@@ -742,7 +744,7 @@ def plot(records: list[dict[str, Any]]) -> None:
         if r["table"] == "online_sft.base_dev" and r["metrics"]["dev/tau_eval"] == 1.0
     }
     figure, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for name in ARMS:
+    for index, name in enumerate(ARMS):
         curves = [r["extra"]["curve"] for r in chosen if r["arm"] == name]
         if not curves:
             continue
@@ -760,6 +762,8 @@ def plot(records: list[dict[str, Any]]) -> None:
                 [p[f"{DEV}/pass@1"] for p in mean],
                 marker="o",
                 ms=3,
+                color=f"C{index % 10}",
+                ls="-" if index < 10 else "--",
                 label=name,
             )
     for axis, label in zip(axes, ("optimiser step", "tokens generated in training"), strict=True):
