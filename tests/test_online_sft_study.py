@@ -79,6 +79,13 @@ def test_a_winning_edge_of_the_grid_is_extended(study):
     assert study.run_dir(Path("o"), "G = 8", 9e-4, 1) == Path("o/g_8/lr9e-4/seed1")
 
 
+def test_the_equal_token_view_reads_an_arm_that_stops_generating_at_its_end(study):
+    growing = [{"step": s, "tokens": 1000.0 * s} for s in (50, 100, 150)]
+    frozen = [{"step": s, "tokens": 300.0} for s in (50, 100, 150)]
+    assert study.closest_to(growing, 90_000)["step"] == 100
+    assert study.closest_to(frozen, 90_000)["step"] == 150
+
+
 def records(first: list[list[int]], second: list[list[int]]) -> list[dict]:
     """Two rows of the plateau table: (seeds, problems) correct counts out of n = 8."""
     return [

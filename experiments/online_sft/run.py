@@ -430,6 +430,13 @@ def seed_dirs(out: Path, name: str, arm: Arm, lr: float) -> list[Path]:
     return [p for p in paths if finished(p, arm.steps)]
 
 
+def closest_to(points: list[dict[str, float]], budget: float) -> dict[str, float]:
+    """The validation whose generated tokens are closest to `budget`; among equally close ones
+    the latest, so that an arm that stops generating (the offline set, gold SFT) is read at
+    its end."""
+    return min(points, key=lambda p: (abs(p["tokens"] - budget), -p["step"]))
+
+
 def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None:
     """The arm's seeds at its chosen lr: test at the step chosen on the mean dev curve
     (online_sft.plateau) and at its validation closest to the token budget (online_sft.tokens)."""
@@ -438,7 +445,7 @@ def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None
     stop = int(best_on_dev(mean_curve(curves))["step"])
     for path, points in zip(paths, curves, strict=True):
         seed = int(path.name.removeprefix("seed"))
-        closest = min(points, key=lambda p: abs(p["tokens"] - budget))
+        closest = closest_to(points, budget)
         s = stamp(path)
         for table, point in (
             ("online_sft.plateau", stop),
