@@ -77,6 +77,9 @@ def test_a_winning_edge_of_the_grid_is_extended(study):
     assert study.next_lr(upper) == 9e-4
     assert study.next_lr(lower) == 9e-6
     assert study.run_dir(Path("o"), "G = 8", 9e-4, 1) == Path("o/g_8/lr9e-4/seed1")
+    assert study.tuned(inside) and not study.tuned(upper)
+    twice = {**upper, 9e-4: points(0.8), 3e-3: points(0.9)}  # still winning at the edge
+    assert study.tuned(twice) and not study.tuned({1e-4: points(0.8)})
 
 
 def test_the_equal_token_view_reads_an_arm_that_stops_generating_at_its_end(study):

@@ -240,6 +240,14 @@ def mean_curve(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     ]
 
 
+def tuned(curves: dict[float, list[dict[str, float]]]) -> bool:
+    """Whether an arm's rate is chosen: the whole grid ran, and the winner is inside it or two
+    points past its edge were tried (a resumed study tries no more)."""
+    if not set(GRID) <= set(curves):
+        return False
+    return next_lr(curves) is None or len(curves) >= len(GRID) + 2
+
+
 def grid_curves(out: Path, name: str) -> dict[float, list[dict[str, float]]]:
     return {lr: curve(path) for lr, path in grid_dirs(out, name).items()}
 
@@ -250,11 +258,8 @@ def complete_arm(name: str, out: Path) -> float:
     arm = ARMS[name]
     for lr in GRID:
         run_job(name, arm, lr, 0, out)()
-    for _ in range(2):
-        extra = next_lr(grid_curves(out, name))
-        if extra is None:
-            break
-        run_job(name, arm, extra, 0, out)()
+    while not tuned(grid_curves(out, name)):
+        run_job(name, arm, next_lr(grid_curves(out, name)), 0, out)()
     lr = choose_lr(grid_curves(out, name))
     print(f"{name}: lr {lr_text(lr)} chosen on dev", flush=True)
     for seed in range(1, arm.seeds):
@@ -867,8 +872,7 @@ def choices_made(out: Path) -> tuple[dict[str, float], dict[str, float]]:
     lrs = {}
     for name in ARMS:
         curves = grid_curves(out, name)
-        complete = set(GRID) <= set(curves)
-        if complete and (next_lr(curves) is None or len(curves) >= len(GRID) + 2):
+        if tuned(curves):
             lrs[name] = choose_lr(curves)  # an arm whose grid is not finished has no rate yet
     return taus, lrs
 
