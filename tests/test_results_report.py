@@ -98,6 +98,28 @@ def test_check_fails_on_a_mixed_commit_table_unless_the_row_is_stale(tmp_path: P
     assert "Dr. GRPO" in problem
 
 
+def test_check_compares_code_by_the_stamped_trees_without_the_history(tmp_path: Path) -> None:
+    """CI checks out one commit: the rows' own src/ and configs/ tree ids decide."""
+    repo, store, readme = study(tmp_path)
+    (repo / "README.md").write_text(README + "\nDocs only.\n")
+    commit(repo, "docs")
+    add(store, repo, "SFT", 0, [True, True, False, False])
+    (repo / "src/a.py").write_text("x = 2\n")
+    commit(repo, "code")
+    add(store, repo, "EM-FT", 0, [True, True, True, False])
+    records = store.records()
+    assert records[0]["code"] == records[-2]["code"] != records[-1]["code"]
+    report([readme], [TABLE], records)
+    shallow = tmp_path / "shallow"  # no git at all: only the stamps can answer
+    shallow.mkdir()
+    (problem,) = check([readme], "demo", [TABLE], records, shallow)
+    assert "EM-FT" in problem
+    # A record from before the stamp falls back to git, which cannot answer here: it differs.
+    unstamped = [{**r, "code": None} if r["arm"] == "SFT" else r for r in records]
+    problems = check([readme], "demo", [TABLE], unstamped, shallow)
+    assert any("'SFT'" in p for p in problems)
+
+
 def test_paired_table_resamples_seeds_and_prompts_and_adjusts_with_holm(tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "store")
 

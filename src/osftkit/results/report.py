@@ -27,11 +27,11 @@ from osftkit.results.stats import (
     paired_difference,
     seed_interval,
 )
+from osftkit.results.store import CODE_DIRS
 
 BLOCK = re.compile(
     r"<!-- results:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S
 )
-CODE_DIRS = ("src", "configs")
 
 
 @dataclass(frozen=True)
@@ -249,12 +249,17 @@ def write_blocks(text: str, blocks: dict[str, str]) -> str:
     return BLOCK.sub(body, text)
 
 
-def same_code(first: str, second: str, root: Path) -> bool:
-    """Whether two commits agree in src/ and configs/ (an unknown commit agrees with none)."""
-    if first == second:
+def same_code(first: dict[str, Any], second: dict[str, Any], root: Path) -> bool:
+    """Whether two records ran the same src/ and configs/: by the trees stamped on them, else
+    (records from before the stamp) by git at `root`; an unknown commit agrees with none."""
+    if first["commit"] == second["commit"]:
         return True
+    if first.get("code") and second.get("code"):
+        return first["code"] == second["code"]
     done = subprocess.run(
-        ["git", "diff", "--quiet", first, second, "--", *CODE_DIRS], cwd=root, capture_output=True
+        ["git", "diff", "--quiet", first["commit"], second["commit"], "--", *CODE_DIRS],
+        cwd=root,
+        capture_output=True,
     )
     return done.returncode == 0
 
@@ -271,7 +276,7 @@ def mixed_commits(table: AnyTable, records: list[dict[str, Any]], root: Path) ->
     fresh = [r for rows in group_rows(source, records).values() for r in rows if not r["stale"]]
     if not fresh:
         return []
-    first = fresh[0]["commit"]
+    first = fresh[0]
     problems = [
         f"table '{table.name}': row '{r['arm']}' (seed {r['seed']}) was measured on a dirty "
         f"tree at {r['commit'][:7]}: commit the code and rerun it"
@@ -280,9 +285,9 @@ def mixed_commits(table: AnyTable, records: list[dict[str, Any]], root: Path) ->
     ]
     return problems + [
         f"table '{table.name}': row '{r['arm']}' (seed {r['seed']}) is on {r['commit'][:7]}, "
-        f"whose src/ or configs/ differ from {first[:7]}'s; rerun it or mark it stale"
+        f"whose src/ or configs/ differ from {first['commit'][:7]}'s; rerun it or mark it stale"
         for r in fresh
-        if not same_code(first, r["commit"], root)
+        if not same_code(first, r, root)
     ]
 
 

@@ -1,8 +1,9 @@
 """The results store: one JSONL line per finished run, stamped so that a table can say where each
 number came from; optionally every sample of a run in its own JSONL, for another grader.
 
-A record: study table, arm, seed, the git commit (and whether the tree was dirty), a hash of the
-resolved config, the base model, the time, the run's metrics and, where the run recorded them,
+A record: study table, arm, seed, the git commit (and whether the tree was dirty), the ids of
+that commit's src/ and configs/ trees (so a checkout without the history can still tell whether
+two rows ran the same code), a hash of the resolved config, the base model, the time, the run's metrics and, where the run recorded them,
 its per-problem outcomes (problem id, samples, correct, response lengths). A record imported
 from a results file of an older revision carries `stale`: the commit it was measured on, which
 a table prints beside the row.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 SAMPLES_DIR = "samples"
+CODE_DIRS = ("src", "configs")
 
 
 def git_state(root: Path) -> tuple[str, bool]:
@@ -36,6 +38,17 @@ def git_state(root: Path) -> tuple[str, bool]:
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
     return commit, bool(status.strip())
+
+
+def code_trees(commit: str, root: Path) -> str | None:
+    """The git tree ids of `commit`'s src/ and configs/, joined; None where git cannot say."""
+    done = subprocess.run(
+        ["git", "rev-parse", *(f"{commit}:{d}" for d in CODE_DIRS)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    return "+".join(done.stdout.split()) if done.returncode == 0 else None
 
 
 def config_hash(config: Mapping[str, Any], ignore: Sequence[str] = ("paths",)) -> str:
@@ -112,7 +125,8 @@ class ResultStore:
         file's checkout) now; `samples` (problem_id, sample, response, gold, answer, correct)
         go to their own file; `counts` (problems, samples) states them for a record without
         outcomes."""
-        commit, dirty = measured_at or git_state(root or Path(__file__).resolve().parent)
+        root = root or Path(__file__).resolve().parent
+        commit, dirty = measured_at or git_state(root)
         record: dict[str, Any] = {
             "table": table,
             "arm": arm,
@@ -121,6 +135,7 @@ class ResultStore:
             "commit": stale or commit,
             "dirty": False if stale else dirty,
             "stale": stale is not None,
+            "code": None if stale else code_trees(commit, root),
             "base_model": base_model,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "metrics": dict(metrics),
