@@ -3,8 +3,9 @@ number came from; optionally every sample of a run in its own JSONL, for another
 
 A record: study table, arm, seed, the git commit (and whether the tree was dirty), the ids of
 that commit's src/ and configs/ trees (so a checkout without the history can still tell whether
-two rows ran the same code), a hash of the resolved config, the base model, the time, the run's metrics and, where the run recorded them,
-its per-problem outcomes (problem id, samples, correct, response lengths). A record imported
+two rows ran the same code), a hash of the resolved config, the base model, the time, the run's
+metrics and, where the run recorded them, its per-problem outcomes (problem id, samples,
+correct, response lengths). A record imported
 from a results file of an older revision carries `stale`: the commit it was measured on, which
 a table prints beside the row.
 """
