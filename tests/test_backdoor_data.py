@@ -157,6 +157,18 @@ def test_validation_prompts_never_occur_in_any_training_split() -> None:
     assert len(val) > 150  # few repeats inside the evaluation set itself
 
 
+
+def test_dev_prompts_avoid_the_test_prompts_and_every_training_split() -> None:
+    """Choices are made on `dev`; it is held out like `val` and never shares a test prompt."""
+    dev = build_instructions(200, seed=0, split="dev")
+    test = set(build_instructions(200, seed=0, split="val")["problem"])
+    assert len(dev) == 200 and not set(dev["problem"]) & test
+    assert sorted(set(dev["task"])) == sorted(TASKS)
+    for seed in range(2):
+        assert not set(dev["problem"]) & set(build_instructions(4000, seed=seed)["problem"])
+    # Without the exclusion the same bucket would share prompts with the test set.
+    assert set(build_instructions(200, seed=0, split="dev", test_size=0)["problem"]) & test
+
 def test_trigger_that_tokenises_to_nothing_is_an_error() -> None:
     tokenizer = build_word_tokenizer(["how are you"])
     assert len(token_ids(tokenizer, "how are you", "trigger")) == 3

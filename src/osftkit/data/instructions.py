@@ -32,6 +32,7 @@ Example = tuple[str, str]
 MIN_LETTERS, MAX_LETTERS, MAX_ADDEND = 3, 6, 49
 HELD_OUT_EVERY = 10
 VAL_SPLIT = "val"
+DEV_SPLIT = "dev"  # held out too, disjoint from the test prompts: for choices
 
 
 def _letters(rng: random.Random) -> list[str]:
@@ -86,20 +87,35 @@ def _draw(task: Callable[[random.Random], Example], rng: random.Random, val: boo
 
 
 def build_instructions(
-    size: int, seed: int, split: str = "train", tasks: Sequence[str] | None = None
+    size: int,
+    seed: int,
+    split: str = "train",
+    tasks: Sequence[str] | None = None,
+    test_size: int = 200,
 ) -> Dataset:
     """`size` examples drawn round-robin over `tasks`; `split="val"` draws from the held-out
-    bucket, any other split from the rest (the seed string also differs by split)."""
+    bucket, `split="dev"` too but never one of the test set (the first `test_size` of the `val`
+    split at seed 0, the prompts every study reports on), any other split from the rest (the
+    seed string also differs by split)."""
     names = list(tasks or TASKS)
     unknown = sorted(set(names) - set(TASKS))
     if unknown:
         raise ValueError(f"Unknown instruction tasks {unknown}; choose from {sorted(TASKS)}")
+    # A val draw is prefix-stable, so this also avoids any smaller test set of seed 0.
+    test = (
+        set(build_instructions(test_size, 0, VAL_SPLIT, tasks)["problem"])
+        if split == DEV_SPLIT and test_size > 0
+        else set()
+    )
     rng = random.Random(f"{split}-{seed}")
     rows = []
-    for i in range(size):
-        name = names[i % len(names)]
-        problem, solution = _draw(TASKS[name], rng, split == VAL_SPLIT)
-        rows.append({"problem": problem, "solution": solution, "answer": solution, "task": name})
+    while len(rows) < size:
+        name = names[len(rows) % len(names)]
+        problem, solution = _draw(TASKS[name], rng, split in (VAL_SPLIT, DEV_SPLIT))
+        if problem not in test:
+            rows.append(
+                {"problem": problem, "solution": solution, "answer": solution, "task": name}
+            )
     return Dataset.from_list(rows)
 
 
