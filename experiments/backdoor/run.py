@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -159,13 +159,15 @@ FAMILY_REMOVALS = (OVERWRITE, SANDE, CROW)
 
 @dataclass(frozen=True)
 class Job:
-    """One run: the store table and arm it fills, its seed, its log cell and overrides."""
+    """One run: the store table and arm it fills, its seed, its log cell and overrides, and
+    (`after`) the record of the planting it starts from."""
 
     table: str
     arm: str
     seed: int
     cell: str
     overrides: tuple[str, ...]
+    after: Path | None = None
 
     @property
     def record_path(self) -> Path:
@@ -199,16 +201,23 @@ def load_model(cell: str, spec: dict, seed: int) -> list[str]:
     return [*load, *backdoor_overrides(spec)]
 
 
-def removal_overrides(
-    removal: Removal, cell: str, spec: dict, seed: int, lr: str | None
-) -> tuple[str, ...]:
-    overrides = [*removal.overrides, *load_model(cell, spec, seed), "export_dir=null"]
-    return (*overrides, *([f"method.optimizer.lr={lr}"] if lr is not None else []))
+def removal_job(
+    planting: Job, arm: str, spec: dict, removal: Removal, lr: str | None, extra: Sequence[str] = ()
+) -> Job:
+    """`removal` on the model `planting` exports, started once that planting is recorded."""
+    overrides = [*removal.overrides, *load_model(planting.cell, spec, planting.seed)]
+    overrides += ["export_dir=null", *([f"method.optimizer.lr={lr}"] if lr else []), *extra]
+    return Job(
+        planting.table, arm, planting.seed, planting.cell, tuple(overrides), planting.record_path
+    )
 
 
 # ---- the plan ------------------------------------------------------------------------------
+TUNING_PLANT = plant_job("backdoor.dev", BACKDOORED, "tuning", PAIR, TUNING_SEED, None)
+
+
 def plant_jobs() -> list[Job]:
-    jobs = [plant_job("backdoor.dev", BACKDOORED, "tuning", PAIR, TUNING_SEED, None)]
+    jobs = [TUNING_PLANT]
     for seed in SEEDS:
         jobs.append(plant_job("backdoor.main", BACKDOORED, f"s{seed}", PAIR, seed, None))
         jobs.append(plant_job("backdoor.main", CLEAN, f"s{seed}", PAIR, seed, 0))
@@ -219,19 +228,13 @@ def dev_arm(removal: Removal, lr: str, chosen: bool = False) -> str:
     return f"{removal.name} @ LR {lr}" + (" (chosen)" if chosen else "")
 
 
+def dev_jobs_of(removal: Removal) -> list[Job]:
+    """`removal` at every LR of the grid on the tuning model, scored on the dev prompts."""
+    return [removal_job(TUNING_PLANT, dev_arm(removal, lr), PAIR, removal, lr, DEV) for lr in GRID]
+
+
 def dev_jobs() -> list[Job]:
-    """Every tuned removal at every LR of the grid on the tuning model, on the dev prompts."""
-    return [
-        Job(
-            "backdoor.dev",
-            dev_arm(removal, lr),
-            TUNING_SEED,
-            "tuning",
-            (*removal_overrides(removal, "tuning", PAIR, TUNING_SEED, lr), *DEV),
-        )
-        for removal in TUNED
-        for lr in GRID
-    ]
+    return [job for removal in TUNED for job in dev_jobs_of(removal)]
 
 
 def read(job: Job) -> dict[str, Any] | None:
@@ -255,24 +258,15 @@ def choose_lrs() -> dict[str, str]:
     return chosen
 
 
-def dev_jobs_of(removal: Removal) -> list[Job]:
-    return [j for j in dev_jobs() if j.arm.startswith(f"{removal.name} @ LR ")]
-
-
 def lr_for(removal: Removal, chosen: dict[str, str]) -> str | None:
     return None if removal.lr_of is None else chosen[removal.lr_of]
 
 
 def test_jobs(chosen: dict[str, str]) -> list[Job]:
     """Every removal on its seeds' backdoored models, scored on the test prompts."""
+    plants = {job.seed: job for job in plant_jobs()[1::2]}
     return [
-        Job(
-            "backdoor.main",
-            r.name,
-            s,
-            f"s{s}",
-            removal_overrides(r, f"s{s}", PAIR, s, lr_for(r, chosen)),
-        )
+        removal_job(plants[s], r.name, PAIR, r, lr_for(r, chosen))
         for r in REMOVALS
         for s in r.seeds
     ]
@@ -282,25 +276,24 @@ def family_cell(family: str, seed: int) -> str:
     return "family_" + "".join(c if c.isalnum() else "_" for c in family)[:40] + f"_s{seed}"
 
 
-def family_jobs(chosen: dict[str, str], seeds: Sequence[int] = FEW_SEEDS) -> list[list[Job]]:
-    """Per seed (seed 0 first: a study stopped early has one seed of every family), the
-    families' plantings, then their removals."""
-    phases = []
-    for seed in seeds:
-        plants, removals = [], []
-        for family, change in FAMILIES.items():
-            spec, cell = {**PAIR, **change}, family_cell(family, seed)
-            plants.append(
-                plant_job("backdoor.families", f"{family}: {BACKDOORED}", cell, spec, seed, None)
-            )
+def family_jobs(chosen: dict[str, str], seeds: Sequence[int] = FEW_SEEDS) -> list[Job]:
+    """Family after family (a study stopped early has whole families): its plantings on every
+    seed, then their removals."""
+    jobs = []
+    for family, change in FAMILIES.items():
+        spec = {**PAIR, **change}
+        arm = f"{family}: {BACKDOORED}"
+        plants = [
+            plant_job("backdoor.families", arm, family_cell(family, s), spec, s, None)
+            for s in seeds
+        ]
+        jobs += plants
+        for plant in plants:
             for name in FAMILY_REMOVALS:
                 removal = BY_NAME[name]
-                overrides = removal_overrides(removal, cell, spec, seed, lr_for(removal, chosen))
-                removals.append(
-                    Job("backdoor.families", f"{family}: {name}", seed, cell, overrides)
-                )
-        phases += [plants, removals]
-    return phases
+                lr = lr_for(removal, chosen)
+                jobs.append(removal_job(plant, f"{family}: {name}", spec, removal, lr))
+    return jobs
 
 
 # ---- running ---------------------------------------------------------------------------------
@@ -332,24 +325,31 @@ def train(job: Job) -> str:
     return f"[{time.strftime('%H:%M:%S')}] {job.cell}: {job.arm} ({seconds:.0f} s)"
 
 
-def run_phase(jobs: list[Job], pool: ProcessPoolExecutor) -> None:
-    """The phase's runs that have no record yet, `--jobs` at a time."""
-    todo = [j for j in jobs if not j.record_path.exists()]
-    for job in todo:
-        job.record_path.parent.mkdir(parents=True, exist_ok=True)
-    for line in pool.map(train, todo):
-        print(line, flush=True)
+def run_jobs(jobs: list[Job], pool: ProcessPoolExecutor, workers: int) -> None:
+    """The runs without a record, in list order, each once the planting it starts from is
+    recorded, `workers` at a time."""
+    todo = [job for job in jobs if not job.record_path.exists()]
+    running: dict[Future, Job] = {}
+    while todo or running:
+        ready = [job for job in todo if job.after is None or job.after.exists()]
+        for job in ready[: workers - len(running)]:
+            job.record_path.parent.mkdir(parents=True, exist_ok=True)
+            running[pool.submit(train, job)] = job
+            todo.remove(job)
+        if not running:
+            raise RuntimeError(f"{len(todo)} runs wait for a planting that is not planned")
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            running.pop(future)
+            print(future.result(), flush=True)
 
 
-def study(jobs: int, families: bool) -> None:
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        run_phase(plant_jobs(), pool)
-        run_phase(dev_jobs(), pool)
+def study(workers: int, families: bool) -> None:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        run_jobs([*plant_jobs(), *dev_jobs()], pool, workers)
         chosen = choose_lrs()
         print("dev-chosen LRs:", chosen, flush=True)
-        run_phase(test_jobs(chosen), pool)
-        for phase in family_jobs(chosen) if families else []:
-            run_phase(phase, pool)
+        run_jobs([*test_jobs(chosen), *(family_jobs(chosen) if families else [])], pool, workers)
 
 
 # ---- the store and the tables ----------------------------------------------------------------
@@ -357,7 +357,7 @@ def all_jobs() -> list[Job]:
     chosen = choose_lrs()
     jobs = [*plant_jobs(), *dev_jobs()]
     if len(chosen) == len(TUNED):
-        jobs += test_jobs(chosen) + [j for phase in family_jobs(chosen) for j in phase]
+        jobs += test_jobs(chosen) + family_jobs(chosen)
     return jobs
 
 
