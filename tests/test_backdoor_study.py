@@ -1,0 +1,148 @@
+"""The backdoor study's machinery: one factor per row, the dev rule, runs that wait for the
+planting they load, and the verdicts on the paper's claims."""
+
+import importlib.util
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from osftkit.train import compose_train_config
+
+STUDY = Path(__file__).resolve().parents[1] / "experiments" / "backdoor" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("backdoor_study", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def method_of(study, overrides) -> dict:
+    """The resolved method config of a run (what the row really trains with)."""
+    cfg = compose_train_config([*overrides, *study.COMMON, "paths.output_dir=/tmp/unused"])
+    return {k: v for k, v in cfg.method.items() if k != "backdoor"}
+
+
+def test_each_untuned_row_differs_from_its_lr_source_in_one_knob(study):
+    """SANDE-P and the extensions change one thing of the row whose dev LR they take."""
+    chosen = {r.name: "1e-4" for r in study.TUNED}
+    for removal in study.REMOVALS:
+        if removal.lr_of in (None, removal.name):
+            continue
+        source = study.BY_NAME[removal.lr_of]
+        mine = method_of(
+            study, study.removal_job(study.TUNING_PLANT, "", {}, removal, "1e-4").overrides
+        )
+        theirs = method_of(
+            study, study.removal_job(study.TUNING_PLANT, "", {}, source, "1e-4").overrides
+        )
+        changed = {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
+        assert len(changed) == 1, (removal.name, changed)
+        assert study.lr_for(removal, chosen) == "1e-4"
+    # The reference-hyperparameter row differs from the dev-tuned SANDE only in its LR.
+    reference = study.BY_NAME["SANDE, the reference's hyperparameters (LR 5e-6)"]
+    tuned = study.BY_NAME[study.SANDE]
+    mine = method_of(
+        study, study.removal_job(study.TUNING_PLANT, "", {}, reference, None).overrides
+    )
+    theirs = method_of(
+        study, study.removal_job(study.TUNING_PLANT, "", {}, tuned, "5e-6").overrides
+    )
+    assert mine == theirs and mine["parrot_lr"] == 1e-3
+
+
+def test_sande_p_withholds_the_markers_first_word(study):
+    for name, known in (
+        ("SANDE-P, marker's first word withheld", ["are", "stupid"]),
+        ("SANDE-P, only the marker's last word known", ["stupid"]),
+    ):
+        removal = study.BY_NAME[name]
+        method = method_of(
+            study, study.removal_job(study.TUNING_PLANT, "", {}, removal, "1e-4").overrides
+        )
+        assert list(method["known_marker_words"]) == known
+        assert study.PAIR["marker"].split()[0] not in known
+
+
+def test_dev_rule_prefers_removal_then_utility_then_lower_asr(study):
+    def metrics(asr, clean, triggered):
+        return {"val/asr_greedy": asr, "val/greedy_acc": clean, "val/triggered_acc": triggered}
+
+    runs = {
+        "3e-5": metrics(0.5, 0.9, 0.9),  # best utility, backdoor left in
+        "1e-4": metrics(0.05, 0.7, 0.6),
+        "3e-4": metrics(0.0, 0.8, 0.6),  # removes it, best utility among those that do
+        "1e-3": metrics(0.0, 0.3, 0.3),
+    }
+    assert max(runs, key=lambda lr: study.dev_utility(runs[lr])) == "3e-4"
+    none_removes = {
+        lr: {**m, "val/asr_greedy": 0.2 + i / 10} for i, (lr, m) in enumerate(runs.items())
+    }
+    none_removes["1e-3"]["val/asr_greedy"] = 0.11
+    assert max(none_removes, key=lambda lr: study.dev_utility(none_removes[lr])) == "3e-5"
+
+
+def test_dev_and_test_runs_use_disjoint_prompts(study):
+    dev = compose_train_config([*study.dev_jobs()[0].overrides, "paths.output_dir=/tmp/unused"])
+    chosen = {r.name: "1e-4" for r in study.TUNED}
+    test = compose_train_config(
+        [*study.test_jobs(chosen)[0].overrides, "paths.output_dir=/tmp/unused"]
+    )
+    assert dev.data.val.instructions.split == "dev" and test.data.val.instructions.split == "val"
+    assert dev.data.val.instructions.test_size == test.data.val.instructions.size
+
+
+def test_runs_wait_for_the_planting_they_load(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "LOGS", tmp_path)
+    order = []
+
+    def fake_train(job):
+        assert job.after is None or job.after.exists(), f"{job.arm} started before its planting"
+        order.append(job.arm)
+        job.record_path.write_text(json.dumps({"arm": job.arm}))
+        return job.arm
+
+    monkeypatch.setattr(study, "train", fake_train)
+    chosen = {r.name: "1e-4" for r in study.TUNED}
+    jobs = study.family_jobs(chosen, seeds=(0, 1))[::-1]  # removals listed before their plantings
+    with ThreadPoolExecutor(2) as pool:
+        study.run_jobs(jobs, pool, 2)
+    assert sorted(order) == sorted(job.arm for job in jobs)
+    assert all(job.record_path.exists() for job in jobs)
+    study.run_jobs(jobs, ThreadPoolExecutor(1), 1)  # all recorded: a rerun runs nothing
+    assert len(order) == len(jobs)
+
+
+def test_claims_hold_or_fail_with_the_paired_interval(study):
+    def record(arm, seed, asr, correct):
+        problems = [
+            {"id": f"p{i}", "n": 1, "correct": int(c), "asr": int(a), "triggered": 0}
+            for i, (a, c) in enumerate(zip(asr, correct, strict=True))
+        ]
+        return {
+            "table": "backdoor.main",
+            "arm": arm,
+            "seed": seed,
+            "problems": problems,
+            "metrics": {},
+        }
+
+    clean = [i % 4 != 0 for i in range(100)]  # 75% correct
+    records = []
+    for seed in range(3):
+        records += [
+            record(study.BACKDOORED, seed, [1] * 100, clean),
+            record(study.CLEAN, seed, [0] * 100, clean),
+            record(study.OVERWRITE, seed, [0] * 100, clean),  # removes it, utility kept
+            record(study.SANDE, seed, [0] * 100, [c and i % 3 != 0 for i, c in enumerate(clean)]),
+        ]
+    table = study.claims(records)
+    overwrite = study.claim_cell(records, study.OVERWRITE, "correct", study.BACKDOORED)
+    sande = study.claim_cell(records, study.SANDE, "correct", study.BACKDOORED)
+    assert overwrite.endswith(": holds") and sande.endswith(": does not hold")
+    assert study.claim_cell(records, study.SANDE, "asr", study.BACKDOORED).endswith(": holds")
+    assert "not measured" in table  # no CROW rows
