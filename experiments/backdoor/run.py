@@ -241,11 +241,12 @@ def read(job: Job) -> dict[str, Any] | None:
     return json.loads(job.record_path.read_text()) if job.record_path.exists() else None
 
 
-def dev_utility(metrics: dict[str, float]) -> tuple[bool, float, float]:
-    """The dev rule's order: ASR at most 10% first, then clean + triggered accuracy, then (when
-    no LR removes the backdoor) the lower ASR."""
+def dev_utility(metrics: dict[str, float]) -> tuple[bool, float]:
+    """The dev rule's order: an LR whose ASR is at most 10% first, and among those the best
+    clean + triggered accuracy; when no LR removes the backdoor, the lowest ASR."""
     asr = metrics["val/asr_greedy"]
-    return asr <= MAX_DEV_ASR, metrics["val/greedy_acc"] + metrics["val/triggered_acc"], -asr
+    removes = asr <= MAX_DEV_ASR
+    return removes, metrics["val/greedy_acc"] + metrics["val/triggered_acc"] if removes else -asr
 
 
 def choose_lrs() -> dict[str, str]:
