@@ -104,7 +104,7 @@ def test_runs_wait_for_the_planting_they_load(study, tmp_path, monkeypatch):
     def fake_train(job):
         assert job.after is None or job.after.exists(), f"{job.arm} started before its planting"
         order.append(job.arm)
-        job.record_path.write_text(json.dumps({"arm": job.arm}))
+        job.record_path.write_text(json.dumps({"overrides": list(job.overrides)}))
         return job.arm
 
     monkeypatch.setattr(study, "train", fake_train)
@@ -116,6 +116,10 @@ def test_runs_wait_for_the_planting_they_load(study, tmp_path, monkeypatch):
     assert all(job.record_path.exists() for job in jobs)
     study.run_jobs(jobs, ThreadPoolExecutor(1), 1)  # all recorded: a rerun runs nothing
     assert len(order) == len(jobs)
+    # A row whose LR changed (a new dev choice) is measured again, not read from the old record.
+    moved = study.family_jobs({**chosen, study.CROW: "1e-3"}, seeds=(0, 1))
+    study.run_jobs(moved, ThreadPoolExecutor(1), 1)
+    assert len(order) == len(jobs) + 2 * len(study.FAMILIES) and order[-1].endswith(study.CROW)
 
 
 def test_claims_hold_or_fail_with_the_paired_interval(study):

@@ -238,7 +238,12 @@ def dev_jobs() -> list[Job]:
 
 
 def read(job: Job) -> dict[str, Any] | None:
-    return json.loads(job.record_path.read_text()) if job.record_path.exists() else None
+    """The job's record, if it ran with exactly these overrides (a record of the same row at
+    another LR, say, is measured again)."""
+    if not job.record_path.exists():
+        return None
+    record = json.loads(job.record_path.read_text())
+    return record if record["overrides"] == list(job.overrides) else None
 
 
 def dev_utility(metrics: dict[str, float]) -> tuple[bool, float]:
@@ -329,10 +334,10 @@ def train(job: Job) -> str:
 def run_jobs(jobs: list[Job], pool: ProcessPoolExecutor, workers: int) -> None:
     """The runs without a record, in list order, each once the planting it starts from is
     recorded, `workers` at a time."""
-    todo = [job for job in jobs if not job.record_path.exists()]
+    todo = [job for job in jobs if read(job) is None]
     running: dict[Future, Job] = {}
     while todo or running:
-        ready = [job for job in todo if job.after is None or job.after.exists()]
+        ready = [job for job in todo if job.after is None or job.after.exists()]  # planted
         for job in ready[: workers - len(running)]:
             job.record_path.parent.mkdir(parents=True, exist_ok=True)
             running[pool.submit(train, job)] = job
