@@ -133,3 +133,9 @@ def test_the_arms_share_one_generation_budget(study):
     assert all(12_288 <= b <= 12_800 for b in budgets.values()), budgets
     assert all(arm.steps % study.VALIDATIONS == 0 for arm in study.ARMS.values())
     assert json.dumps(study.GRID) == "[3e-05, 0.0001, 0.0003]"
+
+
+def test_busy_time_leaves_out_the_pauses_between_sittings(study):
+    # Two overlapping runs, a pause, then one more run: 0-15 and 100-110 were busy.
+    assert study.busy_time([(0, 10), (5, 15), (100, 110)]) == 25
+    assert study.busy_time([(0, 10), (2, 3)]) == 10 and study.busy_time([]) == 0

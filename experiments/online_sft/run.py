@@ -482,9 +482,19 @@ def started(log: Path) -> float:
     return time.mktime(time.strptime(first[1:20], "%Y-%m-%d %H:%M:%S"))
 
 
+def busy_time(spans: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of the (start, end) spans ran (pauses left out)."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return total
+
+
 def record_cost(out: Path) -> None:
-    """The study's wall time (first process start to last process end) and its runs' summed
-    process time, from the run directories."""
+    """The study's wall time (first process start to last process end), the time some run was
+    running (the sittings without the pauses between them) and its runs' summed process time,
+    from the run directories."""
     stamps = list(out.rglob("stamp.json"))
     starts = [started(s.parent / "run.log") for s in stamps]
     ends = [s.stat().st_mtime for s in stamps]
@@ -499,6 +509,7 @@ def record_cost(out: Path) -> None:
         metrics={
             "processes": len(stamps),
             "wall_s": max(ends) - min(starts),
+            "busy_s": busy_time(list(zip(starts, ends, strict=True))),
             "process_s": sum(e - s for s, e in zip(starts, ends, strict=True)),
         },
         # Its runs' commits differ only outside src/ and configs/ (--check compares the rows).
@@ -513,8 +524,10 @@ def render_cost(records: list[dict[str, Any]]) -> str:
     cost = found[-1]
     return (
         f"{cost['processes']:.0f} processes (training runs and evaluations), two at a time with "
-        f"one torch thread each on 2 CPU cores: {cost['wall_s'] / 3600:.2f} hours of wall time "
-        f"({cost['process_s'] / 3600:.2f} process-hours). Generated from the store; do not edit.\n"
+        f"one torch thread each on 2 CPU cores: {cost['wall_s'] / 3600:.2f} hours from the first "
+        f"start to the last end, of which {cost['busy_s'] / 3600:.2f} hours with a run going (the "
+        f"pauses between sittings left out); {cost['process_s'] / 3600:.2f} process-hours. "
+        "Generated from the store; do not edit.\n"
     )
 
 
