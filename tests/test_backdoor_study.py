@@ -10,6 +10,7 @@ import pytest
 
 from osftkit.train import compose_train_config
 
+LR = ("method.optimizer.lr=1e-4",)
 STUDY = Path(__file__).resolve().parents[1] / "experiments" / "backdoor" / "run.py"
 
 
@@ -29,28 +30,31 @@ def method_of(study, overrides) -> dict:
 
 def test_each_untuned_row_differs_from_its_lr_source_in_one_knob(study):
     """SANDE-P and the extensions change one thing of the row whose dev LR they take."""
-    chosen = {r.name: "1e-4" for r in study.TUNED}
+    chosen = {r.name: LR for r in study.TUNED}
     for removal in study.REMOVALS:
         if removal.lr_of in (None, removal.name):
             continue
         source = study.BY_NAME[removal.lr_of]
         mine = method_of(
-            study, study.removal_job(study.TUNING_PLANT, "", {}, removal, "1e-4").overrides
+            study, study.removal_job(study.tuning_plant(), "", {}, removal, LR).overrides
         )
         theirs = method_of(
-            study, study.removal_job(study.TUNING_PLANT, "", {}, source, "1e-4").overrides
+            study, study.removal_job(study.tuning_plant(), "", {}, source, LR).overrides
         )
         changed = {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
         assert len(changed) == 1, (removal.name, changed)
-        assert study.lr_for(removal, chosen) == "1e-4"
+        assert study.setting_for(removal, chosen) == LR
     # The reference-hyperparameter row differs from the dev-tuned SANDE only in its LR.
     reference = study.BY_NAME["SANDE, the reference's hyperparameters (LR 5e-6)"]
     tuned = study.BY_NAME[study.SANDE]
     mine = method_of(
-        study, study.removal_job(study.TUNING_PLANT, "", {}, reference, None).overrides
+        study, study.removal_job(study.tuning_plant(), "", {}, reference, ()).overrides
     )
     theirs = method_of(
-        study, study.removal_job(study.TUNING_PLANT, "", {}, tuned, "5e-6").overrides
+        study,
+        study.removal_job(
+            study.tuning_plant(), "", {}, tuned, ("method.optimizer.lr=5e-6",)
+        ).overrides,
     )
     assert mine == theirs and mine["parrot_lr"] == 1e-3
 
@@ -62,7 +66,7 @@ def test_sande_p_withholds_the_markers_first_word(study):
     ):
         removal = study.BY_NAME[name]
         method = method_of(
-            study, study.removal_job(study.TUNING_PLANT, "", {}, removal, "1e-4").overrides
+            study, study.removal_job(study.tuning_plant(), "", {}, removal, LR).overrides
         )
         assert list(method["known_marker_words"]) == known
         assert study.PAIR["marker"].split()[0] not in known
@@ -89,7 +93,7 @@ def test_dev_rule_prefers_removal_then_utility_then_lower_asr(study):
 
 def test_dev_and_test_runs_use_disjoint_prompts(study):
     dev = compose_train_config([*study.dev_jobs()[0].overrides, "paths.output_dir=/tmp/unused"])
-    chosen = {r.name: "1e-4" for r in study.TUNED}
+    chosen = {r.name: LR for r in study.TUNED}
     test = compose_train_config(
         [*study.test_jobs(chosen)[0].overrides, "paths.output_dir=/tmp/unused"]
     )
@@ -108,7 +112,7 @@ def test_runs_wait_for_the_planting_they_load(study, tmp_path, monkeypatch):
         return job.arm
 
     monkeypatch.setattr(study, "train", fake_train)
-    chosen = {r.name: "1e-4" for r in study.TUNED}
+    chosen = {r.name: LR for r in study.TUNED}
     jobs = study.family_jobs(chosen, seeds=(0, 1))[::-1]  # removals listed before their plantings
     with ThreadPoolExecutor(2) as pool:
         study.run_jobs(jobs, pool, 2)
@@ -117,7 +121,9 @@ def test_runs_wait_for_the_planting_they_load(study, tmp_path, monkeypatch):
     study.run_jobs(jobs, ThreadPoolExecutor(1), 1)  # all recorded: a rerun runs nothing
     assert len(order) == len(jobs)
     # A row whose LR changed (a new dev choice) is measured again, not read from the old record.
-    moved = study.family_jobs({**chosen, study.CROW: "1e-3"}, seeds=(0, 1))
+    moved = study.family_jobs(
+        {**chosen, study.CROW: ("method.optimizer.lr=1e-3", "method.alpha=55")}, seeds=(0, 1)
+    )
     study.run_jobs(moved, ThreadPoolExecutor(1), 1)
     assert len(order) == len(jobs) + 2 * len(study.FAMILIES) and order[-1].endswith(study.CROW)
 
@@ -151,3 +157,17 @@ def test_claims_hold_or_fail_with_the_paired_interval(study):
     assert overwrite.endswith(": holds") and sande.endswith(": does not hold")
     assert study.claim_cell(records, study.SANDE, "asr", study.BACKDOORED).endswith(": holds")
     assert "not measured" in table  # no CROW rows
+
+
+def test_crow_is_tuned_over_its_knobs_and_the_lr_grid(study):
+    """The anchor gets the same LR grid and, beside the paper's alpha and epsilon, the toy's."""
+    crow = study.BY_NAME[study.CROW]
+    grid = study.settings(crow)
+    assert len(grid) == len(study.GRID) * len(study.CROW_KNOBS) == len(set(grid))
+    assert ("method.optimizer.lr=3e-5",) in grid  # the paper's alpha and epsilon: no override
+    label = study.dev_arm(crow, ("method.optimizer.lr=1e-3", "method.alpha=55"), chosen=True)
+    assert label == f"{study.CROW} @ LR 1e-3, alpha 55 (chosen)"
+    method = method_of(
+        study, study.removal_job(study.tuning_plant(), "", {}, crow, grid[-1]).overrides
+    )
+    assert (method["alpha"], method["epsilon"], method["optimizer"]["lr"]) == (55, 0.01, 1e-3)
