@@ -23,9 +23,11 @@ def study():
 
 
 def method_of(study, overrides) -> dict:
-    """The resolved method config of a run (what the row really trains with)."""
+    """The resolved method config of a run and its trigger discovery, if any (what the row
+    really trains with)."""
     cfg = compose_train_config([*overrides, *study.COMMON, "paths.output_dir=/tmp/unused"])
-    return {k: v for k, v in cfg.method.items() if k != "backdoor"}
+    method = {k: v for k, v in cfg.method.items() if k != "backdoor"}
+    return {**method, "discovery": cfg.get("discovery")}
 
 
 def test_each_untuned_row_differs_from_its_lr_source_in_one_knob(study):

@@ -154,6 +154,13 @@ REMOVALS = (
         lr_of=SANDE,
     ),
     Removal(CROW, ANCHOR, ("experiment=crow_tiny",), lr_of=CROW, knobs=CROW_KNOBS),
+    Removal(
+        # Overwrite SFT on the phrases the feature tests confirm, not the known trigger
+        "discover -> Overwrite SFT (triggered prompts at hand)",
+        KIT,
+        ("experiment=discover_overwrite_tiny",),
+        lr_of=OVERWRITE,
+    ),
 )
 BY_NAME = {r.name: r for r in REMOVALS}
 TUNED = [r for r in REMOVALS if r.lr_of == r.name]
