@@ -1,5 +1,6 @@
 """Shared fixtures: compose the real `train` config with small, fast overrides in tmp_path."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,6 +35,15 @@ FAST = [
     "trainer.val_check_interval=3",
     "callbacks.progress_bar=null",
 ]
+
+
+def load_study(name: str):
+    """experiments/<name>/run.py as a module (its functions under test, nothing run)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / name / "run.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_config(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:

@@ -157,7 +157,6 @@ def test_validation_prompts_never_occur_in_any_training_split() -> None:
     assert len(val) > 150  # few repeats inside the evaluation set itself
 
 
-
 def test_dev_prompts_avoid_the_test_prompts_and_every_training_split() -> None:
     """Choices are made on `dev`; it is held out like `val` and never shares a test prompt."""
     dev = build_instructions(200, seed=0, split="dev")
@@ -168,6 +167,7 @@ def test_dev_prompts_avoid_the_test_prompts_and_every_training_split() -> None:
         assert not set(dev["problem"]) & set(build_instructions(4000, seed=seed)["problem"])
     # Without the exclusion the same bucket would share prompts with the test set.
     assert set(build_instructions(200, seed=0, split="dev", test_size=0)["problem"]) & test
+
 
 def test_trigger_that_tokenises_to_nothing_is_an_error() -> None:
     tokenizer = build_word_tokenizer(["how are you"])

@@ -1,25 +1,20 @@
 """The backdoor study's machinery: one factor per row, the dev rule, runs that wait for the
 planting they load, and the verdicts on the paper's claims."""
 
-import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from osftkit.train import compose_train_config
+from tests.conftest import load_study
 
 LR = ("method.optimizer.lr=1e-4",)
-STUDY = Path(__file__).resolve().parents[1] / "experiments" / "backdoor" / "run.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("backdoor_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_study("backdoor")
 
 
 def method_of(study, overrides) -> dict:

@@ -1,7 +1,6 @@
 """The Online SFT study's machinery: held-out training prompts, per-problem outcomes of every
 validation, and the choices and verdicts it makes from them."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,12 @@ from hydra.utils import instantiate
 
 from osftkit.results.outcomes import read_validation_outcomes
 from osftkit.train import run
-from tests.conftest import compose_config
-
-STUDY = Path(__file__).resolve().parents[1] / "experiments" / "online_sft" / "run.py"
+from tests.conftest import compose_config, load_study
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("online_sft_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_study("online_sft")
 
 
 def test_the_study_trains_on_no_dev_or_test_problem(tmp_path):
