@@ -53,6 +53,10 @@ ALPHA, K, MAX_SPAN = 0.1, 100, 1
 OCCURRENCE_HYPOTHESES = 1
 DENSITIES = {"100%": (1.0, 30, 101), "5%": (0.05, 40, 105)}  # density, prompts, prompt seed
 CALIBRATION_PROMPTS, CONTROL_PROMPTS, FRESH_PROMPTS = 40, 60, 40
+# Stage 2 on all 60 controls and the trigger (61 candidates): BY confirms the smallest p-value
+# only if p <= 0.1 / (61 * H_61) = 3.5e-4, below the sign-flip floor 1 / (999 + 1); 4999 flips
+# put the floor at 2e-4, so one phrase can be confirmed.
+CONTROL_FLIPS = 4999
 REPORTED_CONTROLS, TUNING_CONTROLS = 15, 7  # phrases per kind
 MARGIN_STEP = 0.5  # min_effect: the tuning controls' largest effect, rounded up to this (nats)
 SPELLED = [  # words outside the vocabulary: spelled out in letter pieces
@@ -74,7 +78,7 @@ SETTINGS = {
     "floor": OCCURRENCE_HYPOTHESES,
     "densities": DENSITIES,
     "prompts": [CALIBRATION_PROMPTS, CONTROL_PROMPTS, FRESH_PROMPTS],
-    "controls": [REPORTED_CONTROLS, TUNING_CONTROLS],
+    "controls": [REPORTED_CONTROLS, TUNING_CONTROLS, CONTROL_FLIPS],
 }
 
 
@@ -255,12 +259,17 @@ def controls(study: Study, model, marker, sampler, seed: int, min_effect: float)
         study.fresh,
         marker,
         study.words,
+        num_flips=CONTROL_FLIPS,
         min_effect=min_effect,
         seed=seed,
     )
     confirmed = set(confirmation.triggers)
-    name = f"stage 2 on every phrase (BY, min_effect {min_effect:g})"
-    record_flagged(study, name, seed, confirmed - {TRIGGER}, None)
+    name = f"stage 2 on every phrase (BY, min_effect {min_effect:g}, {CONTROL_FLIPS} flips)"
+    effects = dict(zip(confirmation.candidates, confirmation.effects, strict=True))
+    pvalues = dict(zip(confirmation.candidates, confirmation.pvalues, strict=True))
+    record_flagged(
+        study, name, seed, confirmed - {TRIGGER}, None, {"effects": effects, "pvalues": pvalues}
+    )
     metrics = {
         "effect": confirmation.effects[-1],
         "p": confirmation.pvalues[-1],
@@ -270,7 +279,12 @@ def controls(study: Study, model, marker, sampler, seed: int, min_effect: float)
 
 
 def record_flagged(
-    study: Study, name: str, seed: int, flagged: set[str], stage1: TriggerDiscovery | None
+    study: Study,
+    name: str,
+    seed: int,
+    flagged: set[str],
+    stage1: TriggerDiscovery | None,
+    more: dict | None = None,
 ) -> None:
     kinds = Counter(study.reported[p] for p in flagged)
     metrics = {"flagged": len(flagged), "phrases": len(study.reported)}
@@ -282,7 +296,7 @@ def record_flagged(
         / sum(k == kind for k in study.reported.values())
         for kind in set(study.reported.values())
     }
-    extra = {"flagged": sorted(flagged), "frequency": frequency}
+    extra = {"flagged": sorted(flagged), "frequency": frequency, **(more or {})}
     study.record("discovery_controls", name, seed, metrics, extra=extra)
 
 
