@@ -10,6 +10,7 @@ from osftkit.results.report import Generated, commit_cell
 from osftkit.results.stats import hierarchical_ratio_interval
 
 Record = dict[str, Any]
+TRIGGER = "how are you"  # the planted trigger, which stage 2 tests beside the controls
 FOOTER = (
     "Generated from the store (`results/records.jsonl`) by `run.py --report`; do not edit. "
     "Seeds are the planted models; 'per model' cells list them in seed order."
@@ -128,6 +129,15 @@ def controls(records: list[Record]) -> str:
         for kind in kinds:
             cells.append(f"{sum(r['metrics'][f'flagged: {kind}'] for r in rows):.0f}")
         body.append([*cells, commit_cell(rows)])
+    stage2 = [rows for arm, rows in grouped.items() if arm.startswith("stage 2")]
+    largest = (
+        " / ".join(
+            f"{max(v for k, v in r['extra']['effects'].items() if k != TRIGGER):.2f}"
+            for r in stage2[0]
+        )
+        if stage2
+        else "-"
+    )
     phrases = int(first["metrics"]["phrases"])
     per_kind = phrases // len(kinds)
     frequency = ", ".join(f"{k} {first['extra']['frequency'][k]:.2f}" for k in kinds)
@@ -139,7 +149,8 @@ def controls(records: list[Record]) -> str:
         "flagged: a discovered span on the phrase (stage 1), every phrase (the baseline), or "
         "confirmed (stage 2, on the fresh prompts, all phrases and the trigger together). "
         f"Frequency of the kinds (mean count of their tokens per clean training prompt): "
-        f"{frequency}."
+        f"{frequency}. Stage 2's largest mean effect of a control phrase, per model: {largest} "
+        "nats."
     )
     return table(head, body, "**Negative controls**", notes)
 
