@@ -46,7 +46,9 @@ def ratio(rows: list[Record], top: str | tuple[str, ...], bottom: tuple[str, ...
 
 def table(head: list[str], body: list[list[str]], caption: str, notes: str) -> str:
     lines = [caption, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += [
+        "| " + " | ".join([cells[0].replace("|", "\\|"), *cells[1:]]) + " |" for cells in body
+    ]
     return "\n".join([*lines, "", f"{notes} {FOOTER}".strip()]) + "\n"
 
 
@@ -161,7 +163,7 @@ def confirmation(records: list[Record]) -> str:
         if "effect" in rows[0]["metrics"]:
             cells = [
                 per_model(rows, "effect", "{:.2f}"),
-                per_model(rows, "p", "{:.3f}"),
+                per_model(rows, "p", "{:.4f}"),
                 f"{sum(r['metrics']['confirmed'] for r in rows):.0f}/{len(rows)}",
             ]
         else:
