@@ -5,6 +5,7 @@ import pytest
 
 from osftkit.results.stats import (
     hierarchical_interval,
+    hierarchical_ratio_interval,
     holm,
     paired_difference,
     sample_sd,
@@ -85,3 +86,16 @@ def test_holm_matches_the_step_down_definition() -> None:
     # sorted p 0.01, 0.02, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.02), max(0.04, 1 x 0.04)
     assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_ratio_interval_pools_sums_and_treats_empty_draws_as_told() -> None:
+    false = np.array([[0, 1, 0, 0], [0, 0, 0, 2]])
+    found = np.array([[3, 1, 0, 0], [2, 2, 0, 2]])
+    fdr = hierarchical_ratio_interval(false, found, empty=0.0)
+    assert fdr.mean == pytest.approx(3 / 10)  # pooled: 3 false of 10 discoveries
+    assert 0.0 <= fdr.low <= fdr.mean <= fdr.high <= 1.0
+    rare = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0, 3]])  # the only trigger tokens: one prompt
+    power = hierarchical_ratio_interval(rare, rare)
+    assert power.mean == 1.0 and power.low == power.high == 1.0  # empty draws are left out
+    with pytest.raises(ValueError, match="must match"):
+        hierarchical_ratio_interval(false, found[:1])

@@ -18,7 +18,8 @@ from osftkit.data.instructions import (
     held_out,
 )
 from osftkit.data.null_samplers import CategoricalSampler
-from osftkit.interpret.calibration import check_pvalues
+from osftkit.interpret.calibration import check_pvalues, one_per_instance
+from osftkit.interpret.statistics import draws_for_rejections
 from osftkit.interpret.trigger_discovery import (
     MiscalibratedSamplerError,
     TriggerDiscoveryPipeline,
@@ -27,6 +28,8 @@ from osftkit.interpret.trigger_discovery import (
     confirm_candidates,
     discover_triggers,
     encode_prompts,
+    flag_outside_grammar,
+    insertion_plan,
     marker_token_ids,
     vocabulary_sampler,
     word_probs,
@@ -398,3 +401,104 @@ def test_the_runs_hook_hands_the_confirmed_phrases_to_overwrite_sft(
     cfg.method.removal_triggers = None
     discover_removal_triggers(cfg, loaded)  # no discovery block: the run is left as it is
     assert cfg.method.removal_triggers is None
+
+
+# ---- densities, K sizing, per-prompt calibration, the grammar baseline, negative controls -----
+def test_insertion_plan_deals_phrases_to_a_share_of_the_prompts() -> None:
+    plan = insertion_plan(80, ["x"], 0.05, random.Random(0))
+    assert sum(p is not None for p in plan) == 4 and set(plan) == {None, "x"}
+    phrases = [f"p{k}" for k in range(30)]
+    dealt = Counter(insertion_plan(60, phrases, 1.0, random.Random(1)))
+    assert set(dealt) == set(phrases) and set(dealt.values()) == {2}  # each phrase twice
+    with pytest.raises(ValueError, match="density"):
+        insertion_plan(10, ["x"], 0.0, random.Random(0))
+    with pytest.raises(ValueError, match="no phrase"):
+        insertion_plan(10, ["x"], 0.01, random.Random(0))
+
+
+def test_negative_controls_are_inserted_marked_and_counted_when_flagged(grammar_tokenizer) -> None:
+    tok = grammar_tokenizer
+    phrases = ["cf", "mn cf", "the letters"]
+    problems = list(build_instructions(6, 2, "test", tasks=["reverse"])["problem"])
+    prompts = encode_prompts(tok, problems, phrases, seed=4)
+    assert Counter(prompts.inserted) == dict.fromkeys(phrases, 2)
+    for text, phrase, ids, positions, truth in zip(
+        prompts.texts, prompts.inserted, prompts.ids, prompts.positions, prompts.truth, strict=True
+    ):
+        assert text.startswith(f"Human: {phrase}. ")
+        marked = tok.decode([ids[k] for k, t in zip(positions, truth, strict=True) if t]).strip()
+        assert marked == phrase  # the truth is exactly the inserted phrase's tokens
+    grammar = InstructionSlotSampler(tok, "test")
+    flagged = flag_outside_grammar(prompts, grammar)
+    assert flagged.flagged_phrases(prompts) == set(phrases)  # the baseline flags every phrase
+    assert flagged.summary()["fdr"] == 0.0 and flagged.summary()["power"] == 1.0
+    clean = encode_prompts(tok, problems)
+    assert (
+        clean.inserted == [None] * 6 and not flag_outside_grammar(clean, grammar).discovered.any()
+    )
+
+
+def test_the_test_flags_the_trigger_and_not_the_inert_controls_the_baseline_flags(
+    grammar_tokenizer,
+) -> None:
+    """A model that reacts to 'cf' only: stage 1 flags 'cf' and none of the inserted inert
+    phrases, while the grammar baseline flags them all."""
+    tok = grammar_tokenizer
+    marker = marker_token_ids(tok, "the letters")
+    cf = tok(" cf", add_special_tokens=False).input_ids
+    model = TriggerLM(len(tok), cf, marker, 0)
+    model.weight[tok(" mn", add_special_tokens=False).input_ids] = 0.0  # 'mn': inert
+    train = encode_prompts(tok, list(build_instructions(200, 0, "train")["problem"]))
+    sampler = InstructionSlotSampler(tok, "test", foreign=word_probs(train, len(tok)))
+    problems = list(build_instructions(30, 6, "test", tasks=["reverse"])["problem"])
+    prompts = encode_prompts(tok, problems, ["cf", "mn", "mn mn"], seed=0)
+    found = discover_triggers(model, prompts, marker, sampler, 0.1, floor_rejections=5)
+    assert found.flagged_phrases(prompts) == {"cf"}
+    assert flag_outside_grammar(prompts, sampler).flagged_phrases(prompts) == {"cf", "mn", "mn mn"}
+    outcomes = found.prompt_outcomes(prompts)
+    false, true = sum(o["false"] for o in outcomes), sum(o["true"] for o in outcomes)
+    assert false / max(1, false + true) == found.summary()["fdr"]
+    assert sum(o["covered"] for o in outcomes) == found.covered
+
+
+def test_k_is_sized_so_the_floor_passes_bh_at_the_trigger_density(grammar_tokenizer) -> None:
+    """2 of 40 prompts carry a one-token trigger: BH needs K + 1 >= m / (alpha * 2); the
+    sized K finds both occurrences, K = 100 cannot reject anything."""
+    assert draws_for_rejections(12, 372, 0.1, "bh") == 309  # 1/310 <= 0.1 * 12 / 372 < 1/309
+    with pytest.raises(ValueError, match="rejections"):
+        draws_for_rejections(0, 10, 0.1, "bh")
+    tok = grammar_tokenizer
+    marker = marker_token_ids(tok, "the letters")
+    model = TriggerLM(len(tok), tok(" cf", add_special_tokens=False).input_ids, marker, 0)
+    sampler = InstructionSlotSampler(
+        tok, "test", foreign=word_probs(clean_prompts(tok, 200, 0, "train"), len(tok))
+    )
+    problems = list(build_instructions(40, 8, "test", tasks=["reverse"])["problem"])
+    prompts = encode_prompts(tok, problems, ["cf"], seed=0, density=0.05)
+    sized = discover_triggers(model, prompts, marker, sampler, 0.1, floor_rejections=2)
+    m = sized.summary()["hypotheses"]
+    assert sized.num_draws == draws_for_rejections(2, m, 0.1, "bh") > 100
+    assert 1 / (sized.num_draws + 1) <= 0.1 * 2 / m < 1 / sized.num_draws
+    assert sized.summary()["power"] == 1.0 and sized.summary()["fdr"] == 0.0
+    fixed = discover_triggers(model, prompts, marker, sampler, 0.1, auto_draws=False)
+    assert fixed.summary()["discoveries"] == 0
+
+
+def test_calibration_on_one_pvalue_per_prompt_holds_where_pooling_fails() -> None:
+    """Null p-values that are identical within a prompt (the extreme of a shared observed
+    score): the pooled binomial check fails a valid sampler far more often than its 1%, one
+    p-value per prompt keeps the level."""
+    generator = torch.Generator().manual_seed(0)
+    prompts, per_prompt, runs, draws = 40, 10, 300, 100
+    instance = torch.arange(prompts).repeat_interleave(per_prompt)
+    pooled_fails = kept_fails = 0
+    for run in range(runs):
+        grid = torch.randint(1, draws + 2, (prompts,), generator=generator).double() / (draws + 1)
+        pvalues = grid.repeat_interleave(per_prompt)
+        kept = one_per_instance(pvalues, instance, seed=run)
+        assert kept.numel() == prompts and torch.equal(kept, grid)  # one from each prompt
+        pooled_fails += not check_pvalues(pvalues, draws).passed
+        kept_fails += not check_pvalues(kept, draws).passed
+    assert kept_fails / runs <= 0.03 and pooled_fails / runs > 0.2
+    with pytest.raises(ValueError, match="one instance id"):
+        one_per_instance(torch.rand(3), torch.arange(2))

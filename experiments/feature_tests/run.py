@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import matplotlib
 import torch
+from discovery_tables import DISCOVERY_TABLES  # this directory: the trigger-discovery tables
 from torch import Tensor, nn
 
 from osftkit.data.digits import DigitsDataModule
@@ -314,8 +315,6 @@ ROOT = Path(__file__).resolve().parents[2]
 LEGACY = {
     "simulation.json": "8ed92d4",
     "results.json": "cdba461",
-    "trigger_discovery.json": "833085f",
-    "trigger_discovery_baselines.json": "df46775",
 }
 FDR_TPR = [
     Column("FDR", "fdr"),
@@ -369,16 +368,7 @@ TABLES = [
         caption="**Digits**, one-shot at alpha 0.2 (no ground truth)",
         counts=False,
     ),
-    Table(
-        "feature_tests.trigger_discovery",
-        [Column("FDR", "fdr"), Column("power", "power"), Column("clean discoveries", "clean", 0)],
-        caption="**Trigger discovery, stage 1** (alpha 0.1; seeds: the planted models)",
-    ),
-    Table(
-        "feature_tests.trigger_confirmation",
-        [Column("effect (nats)", "effect", digits=2), Column("p", "p")],
-        caption="**Trigger discovery, stage 2** (sign flips, BY at 0.1; seeds: the models)",
-    ),
+    *DISCOVERY_TABLES,
 ]
 
 
@@ -389,27 +379,6 @@ def alpha_rows(table: dict) -> dict[str, dict[str, float]]:
         for test, cells in table.items()
         for alpha, (fdr, tpr, se) in zip((*ALPHAS, 0.01), cells, strict=True)
     }
-
-
-def discovery_rows(run: dict) -> list[tuple[str, str, int, dict]]:
-    """(table, arm, planted model's seed, metrics) of one run of trigger_discovery*.json."""
-    rows = []
-    for test in ("irt", "one_shot"):
-        found = run[test]
-        metrics = {
-            "fdr": found["fdr"],
-            "power": found["power"],
-            "clean": found["clean_discoveries"],
-        }
-        arm = f"{run['sampler']} sampler: {'IRT (BH), K = 100' if test == 'irt' else 'one-shot'}"
-        rows.append(("trigger_discovery", arm, run["seed"], metrics))
-    confirmation = run["confirmation"]
-    for phrase, effect, p in zip(
-        confirmation["candidates"], confirmation["effects"], confirmation["pvalues"], strict=True
-    ):
-        arm = f"{run['sampler']} sampler: '{phrase}'"
-        rows.append(("trigger_confirmation", arm, run["seed"], {"effect": effect, "p": p}))
-    return rows
 
 
 def other_metrics(key: str, value: list[float]) -> dict[str, float]:
@@ -431,9 +400,7 @@ def records_of(name: str, data: dict | list) -> list[tuple[str, str, int | None,
         text = data["sentences"]
         rows += [("sentences", k, None, {"fdr": v[0], "tpr": v[1]}) for k, v in text.items()]
         return rows + records_of("digits", data["digits"])
-    if name == "digits":
-        return [("digits", "one-shot, alpha 0.2", None, data)]
-    return [row for run in data for row in discovery_rows(run)]
+    return [("digits", "one-shot, alpha 0.2", None, data)]
 
 
 def store_results(

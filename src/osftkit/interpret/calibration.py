@@ -30,8 +30,8 @@ class Calibration:
     ``observed[l]`` is the fraction of p-values <= ``levels[l]`` (a grid point j/(K+1));
     ``level_pvalues[l]`` the one-sided binomial p-value of that many or more under uniformity;
     ``pvalue`` is their Bonferroni combination, and the sampler passes when it is at least
-    ``significance``. The binomial treats the p-values as independent, which they are not
-    (hypotheses of one input share its score): read a narrow failure with care.
+    ``significance``. The binomial treats the p-values as independent: give it one p-value per
+    input (`one_per_instance`), since the hypotheses of one input share its score.
     """
 
     num_draws: int
@@ -72,6 +72,20 @@ def grid_levels(num_draws: int, levels: Sequence[float]) -> list[float]:
     """The floor, then each level rounded down to the p-value grid j/(K+1) (j >= 1)."""
     grid = [max(1, int(level * (num_draws + 1))) / (num_draws + 1) for level in levels]
     return sorted({1.0 / (num_draws + 1), *grid})
+
+
+def one_per_instance(pvalues: Tensor, instance: Tensor, seed: int = 0) -> Tensor:
+    """One p-value per instance, its hypothesis drawn uniformly (seeded, blind to the values):
+    the p-values of one instance share its observed score and are dependent, those of
+    different instances are independent, so the kept ones make an exact binomial check."""
+    if pvalues.shape != instance.shape or pvalues.numel() == 0:
+        raise ValueError("one p-value and one instance id per hypothesis, at least one")
+    generator = torch.Generator().manual_seed(seed)
+    kept = []
+    for i in instance.unique().tolist():
+        members = (instance == i).nonzero().flatten()
+        kept.append(members[torch.randint(len(members), (1,), generator=generator)])
+    return pvalues[torch.cat(kept)]
 
 
 def check_pvalues(

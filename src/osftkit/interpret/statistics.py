@@ -44,6 +44,14 @@ def draws_for_floor_fraction(
     return math.ceil(fdr_correction(num_tests, method) / (alpha * fraction)) - 1
 
 
+def draws_for_rejections(rejections: int, num_tests: int, alpha: float, method: FdrMethod) -> int:
+    """Smallest K whose floor lets BH/BY reject once `rejections` of the `num_tests` p-values sit
+    at it: 1/(K+1) <= alpha * r / (m * c_m)."""
+    if not 1 <= rejections <= num_tests:
+        raise ValueError(f"rejections must lie in [1, {num_tests}], got {rejections}")
+    return draws_for_floor_fraction(rejections / num_tests, num_tests, alpha, method)
+
+
 def seeded_generator(seed: int) -> torch.Generator:
     """A CPU generator so that samplers draw the same counterfactuals on every device."""
     return torch.Generator().manual_seed(seed)

@@ -71,6 +71,34 @@ def hierarchical_interval(
     return Estimate(float(grid.mean()), float(low), float(high))
 
 
+def hierarchical_ratio_interval(
+    numerator: np.ndarray | list[list[float]],
+    denominator: np.ndarray | list[list[float]],
+    empty: float = float("nan"),
+    level: float = LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Estimate:
+    """A ratio of sums over (seeds, problems) grids (a pooled FDR: false / all discoveries; a
+    pooled power: found / all trigger tokens) and its percentile interval from the same crossed
+    bootstrap over seeds and then problems; a draw whose denominator is 0 counts as `empty`
+    (an FDR with no discovery is 0; a power with nothing to find is left out as nan)."""
+    num, den = as_grid(numerator), as_grid(denominator)
+    if num.shape != den.shape:
+        raise ValueError(f"numerator {num.shape} and denominator {den.shape} must match")
+    rng = np.random.default_rng(seed)
+    seeds, problems = num.shape
+    seed_draw = rng.integers(0, seeds, size=(resamples, seeds))[:, :, None]
+    problem_draw = rng.integers(0, problems, size=(resamples, problems))[:, None, :]
+    tops = num[seed_draw, problem_draw].sum(axis=(1, 2))
+    bottoms = den[seed_draw, problem_draw].sum(axis=(1, 2))
+    ratios = np.divide(tops, bottoms, out=np.full(resamples, empty), where=bottoms > 0)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(ratios, [tail, 100 - tail])
+    mean = num.sum() / den.sum() if den.sum() > 0 else empty
+    return Estimate(float(mean), float(low), float(high))
+
+
 def paired_difference(
     scores_a: np.ndarray | list[list[float]],
     scores_b: np.ndarray | list[list[float]],

@@ -2,10 +2,12 @@
 
 One concept per file: ``prompts`` (tokenised prompts, tested positions, candidate spans),
 ``propose`` (stage 1: the feature test over spans, and its calibration on clean prompts),
-``confirm`` (stage 2: paired sign-flip tests of each candidate on fresh prompts), ``pipeline``
-(calibrate -> propose -> confirm -> report, and the run's hook for Overwrite SFT).
+``baseline`` (flag every word outside the grammar, no model), ``confirm`` (stage 2: paired
+sign-flip tests of each candidate on fresh prompts), ``pipeline`` (calibrate -> propose ->
+confirm -> report, and the run's hook for Overwrite SFT).
 """
 
+from osftkit.interpret.trigger_discovery.baseline import flag_outside_grammar
 from osftkit.interpret.trigger_discovery.confirm import (
     Confirmation,
     confirm_candidates,
@@ -23,8 +25,10 @@ from osftkit.interpret.trigger_discovery.prompts import (
     PromptTokens,
     candidate_spans,
     encode_prompts,
+    insertion_plan,
     is_word,
     marker_token_ids,
+    random_phrases,
     trigger_span,
     vocabulary_sampler,
     word_probs,
@@ -48,8 +52,11 @@ __all__ = [
     "discover_removal_triggers",
     "discover_triggers",
     "encode_prompts",
+    "flag_outside_grammar",
+    "insertion_plan",
     "is_word",
     "marker_token_ids",
+    "random_phrases",
     "report_discovery",
     "score_texts",
     "sign_flip_pvalue",

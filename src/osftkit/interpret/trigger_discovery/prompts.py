@@ -17,12 +17,14 @@ from osftkit.data.null_samplers import CategoricalSampler
 
 @dataclass
 class PromptTokens:
-    """Tokenised prompts, the positions to test in each, and which of them are trigger tokens."""
+    """Tokenised prompts, the positions to test in each, which of them are trigger tokens, and
+    the phrase inserted into each prompt (None: none)."""
 
     ids: list[list[int]]
     positions: list[list[int]]
     truth: list[list[bool]]
     texts: list[str]
+    inserted: list[str | None]
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -54,6 +56,25 @@ def is_word(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
 
 
+def insertion_plan(
+    num_prompts: int, phrases: Sequence[str], density: float, rng: random.Random
+) -> list[str | None]:
+    """Which phrase each of `num_prompts` prompts carries (None: none): round(density * n)
+    prompts chosen at random, the phrases dealt to them in a shuffled cycle (each phrase as
+    often as the others, to within one)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"the trigger density must lie in (0, 1], got {density}")
+    carriers = round(density * num_prompts)
+    if carriers == 0:
+        raise ValueError(f"density {density} of {num_prompts} prompts puts no phrase anywhere")
+    order = list(phrases)
+    rng.shuffle(order)
+    plan: list[str | None] = [None] * num_prompts
+    for k, i in enumerate(sorted(rng.sample(range(num_prompts), carriers))):
+        plan[i] = order[k % len(order)]
+    return plan
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[str],
@@ -62,8 +83,10 @@ def encode_prompts(
     template: str = PLAIN_TEMPLATE,
     words_only: bool = True,
     seed: int = 0,
+    density: float = 1.0,
 ) -> PromptTokens:
-    """Prompts from instructions, with one of `triggers` inserted (seeded) when given.
+    """Prompts from instructions; with `triggers`, a share `density` of them (seeded) carries
+    one (`insertion_plan`: every trigger as often as the others, to within one).
 
     The tested positions are the tokens inside the instruction's character span (the template's
     role tags lie outside it); the truth marks tokens overlapping the inserted trigger.
@@ -73,15 +96,16 @@ def encode_prompts(
     if "{problem}" not in template:
         raise ValueError(f"the template must contain '{{problem}}', got {template!r}")
     rng = random.Random(seed)
+    plan = insertion_plan(len(problems), triggers, density, rng) if triggers else []
     offset = template.index("{problem}")
     ids: list[list[int]] = []
     positions: list[list[int]] = []
     truths: list[list[bool]] = []
     texts: list[str] = []
-    for problem in problems:
+    for i, problem in enumerate(problems):
         span = (0, 0)
-        if triggers:
-            trigger = rng.choice(list(triggers))
+        if plan and plan[i] is not None:
+            trigger = plan[i]
             triggered = insert_trigger(problem, trigger, position, rng)
             span = trigger_span(problem, triggered, trigger, position)
             problem = triggered
@@ -101,7 +125,14 @@ def encode_prompts(
         positions.append(tested)
         truths.append(truth)
         texts.append(text)
-    return PromptTokens(ids, positions, truths, texts)
+    return PromptTokens(ids, positions, truths, texts, plan or [None] * len(problems))
+
+
+def random_phrases(words: Sequence[str], num: int, max_words: int, rng: random.Random) -> list[str]:
+    """`num` phrases of 1..max_words words drawn uniformly from `words` (null insertions)."""
+    if not words or max_words < 1:
+        raise ValueError("random phrases need words and max_words >= 1")
+    return [" ".join(rng.choices(list(words), k=rng.randint(1, max_words))) for _ in range(num)]
 
 
 def word_probs(prompts: PromptTokens, vocab_size: int) -> Tensor:

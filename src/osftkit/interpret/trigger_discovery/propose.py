@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from osftkit.data.null_samplers import Sampler
-from osftkit.interpret.calibration import Calibration, check_pvalues
+from osftkit.interpret.calibration import Calibration, check_pvalues, one_per_instance
 from osftkit.interpret.fdr_control import FdrMethod, check_alpha
 from osftkit.interpret.feature_test import (
     FeatureTestInputs,
@@ -35,7 +35,7 @@ from osftkit.interpret.feature_test import (
     tested_hypotheses,
 )
 from osftkit.interpret.lm_feature_score import target_logprob
-from osftkit.interpret.statistics import seeded_generator
+from osftkit.interpret.statistics import draws_for_rejections, seeded_generator
 from osftkit.interpret.trigger_discovery.prompts import PromptTokens, candidate_spans
 
 Test = Literal["irt", "one_shot"]
@@ -88,6 +88,41 @@ class TriggerDiscovery:
         )
         return counts.most_common(k)
 
+    def prompt_outcomes(self, prompts: PromptTokens) -> list[dict[str, int]]:
+        """Per prompt of `prompts` (the ones this result tested): its trigger tokens, how many
+        lie inside a discovered span, and its true and false discoveries; pooled over prompts
+        they give `summary`'s power and FDR (a bootstrap over prompts resamples these)."""
+        outcomes = []
+        for i in range(len(prompts.ids)):
+            rows = (self.prompt == i).nonzero().flatten().tolist()
+            hit = {
+                self.start[r].item() + o
+                for r in rows
+                if self.discovered[r]
+                for o in range(len(self.spans[r]))
+            }
+            trigger = [p for p, t in zip(prompts.positions[i], prompts.truth[i], strict=True) if t]
+            found = self.discovered[rows]
+            outcomes.append(
+                {
+                    "id": i,
+                    "trigger_tokens": len(trigger),
+                    "covered": len(hit & set(trigger)),
+                    "true": int((found & self.truth[rows]).sum()),
+                    "false": int((found & ~self.truth[rows]).sum()),
+                }
+            )
+        return outcomes
+
+    def flagged_phrases(self, prompts: PromptTokens) -> set[str]:
+        """The inserted phrases (`prompts.inserted`) with a discovered span on their tokens in
+        at least one prompt: what a negative control counts as flagged."""
+        return {
+            prompts.inserted[int(i)]
+            for i, hit, truth in zip(self.prompt, self.discovered, self.truth, strict=True)
+            if hit and truth and prompts.inserted[int(i)] is not None
+        }
+
     def candidates(
         self, tokenizer: PreTrainedTokenizerBase, max_candidates: int = 5, min_count: int = 2
     ) -> list[str]:
@@ -123,12 +158,16 @@ def discover_triggers(
     max_span: int = 1,
     batch_size: int = 2048,
     seed: int = 0,
+    floor_rejections: int = 0,
 ) -> TriggerDiscovery:
     """Stage 1: the one-sided IRT (BH/BY over all tested spans) or one-shot test (knockoff+
     with offset 1) of log p(marker | prompt) on the instruction spans of `prompts`.
 
     With auto_draws the IRT raises K until BH can reject once max_floor_fraction of the pooled
-    tests sit at the 1/(K+1) floor (a trigger is a small fraction of the tokens).
+    tests sit at the 1/(K+1) floor (a trigger is a small fraction of the tokens). With
+    floor_rejections = r > 0 instead, K is the smallest whose floor passes BH once r of the m
+    tested p-values sit at it (`draws_for_rejections`; at least num_draws): size r from the
+    trigger density the test must reach (occurrences x hypotheses per occurrence).
     """
     check_alpha(alpha)
     if test not in ("irt", "one_shot"):
@@ -150,11 +189,12 @@ def discover_triggers(
         tests[length] = (FeatureTestInputs(inputs, score_fn, masks, tested=wanted), spans)
     tested = {n: tested_hypotheses(t, sampler) for n, (t, _) in tests.items()}
     m = sum(int(t.sum()) for t in tested.values())
-    k = (
-        sized_draws(num_draws, m, alpha, method, auto_draws, max_floor_fraction)
-        if test == "irt"
-        else 1
-    )
+    if test == "one_shot":
+        k = 1
+    elif floor_rejections:
+        k = max(num_draws, draws_for_rejections(floor_rejections, m, alpha, method))
+    else:
+        k = sized_draws(num_draws, m, alpha, method, auto_draws, max_floor_fraction)
     generator = seeded_generator(seed)
     model.eval()
     rows: dict[str, list] = {key: [] for key in ("prompt", "start", "span", "truth")}
@@ -228,7 +268,9 @@ def calibrate_prompts(
     seed: int = 0,
 ) -> Calibration:
     """Stage 1's IRT p-values on clean prompts (every hypothesis null), checked for
-    super-uniformity: the calibration a sampler must pass before its FDR is reported."""
+    super-uniformity: the calibration a sampler must pass before its FDR is reported. One
+    p-value per prompt (`one_per_instance`): a prompt's p-values share its observed score, so
+    only one of each is independent of the others' prompts and the binomial check is exact."""
     result = discover_triggers(
         model,
         clean,
@@ -242,4 +284,5 @@ def calibrate_prompts(
         max_span=max_span,
         seed=seed,
     )
-    return check_pvalues(result.pvalue, result.num_draws, significance)
+    pvalues = one_per_instance(result.pvalue, result.prompt, seed)
+    return check_pvalues(pvalues, result.num_draws, significance)
