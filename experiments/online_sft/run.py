@@ -15,6 +15,7 @@ records (results/records.jsonl) carry it, and `--check` fails if two rows differ
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,17 +66,14 @@ class Arm:
         return RESPONSES // self.responses_per_step // VALIDATIONS * VALIDATIONS
 
 
+# In the order the study completes them (the rows of the tables too): the arms the issue asks
+# 5 seeds of first, then the 3-seed arms in the order their predictions need them.
 ARMS = {
     OSFT: Arm(("experiment=osft_arith",), 5, paper="39.5 (annealed, 3 epochs)"),
     "coupled (tau_s = tau_t = 1)": Arm(("experiment=osft_coupled_arith",), 5, paper="19.3"),
     "offline (one frozen set, then SFT)": Arm(("experiment=osft_offline_arith",), 5, paper="21.0"),
     "GRPO (G = 8)": Arm(("experiment=grpo_arith",), 5, 128, paper="43.8 (8x OSFT's tokens)"),
     "EM-FT (entropy minimisation)": Arm(("experiment=em_ft_arith",), 3, paper="51.3 vs 55.0"),
-    "tau_s annealed 0.6 -> 1": Arm(("experiment=osft_anneal_arith",), 3, paper="39.5"),
-    "Dr. GRPO (G = 8)": Arm(("experiment=dr_grpo_arith",), 3, 128),
-    "DAPO (G = 8)": Arm(("experiment=dapo_arith",), 3, 128),
-    "Online SFT, G = 4": Arm(("experiment=osft_g4_arith",), 3, 256, paper="above the base"),
-    "Online SFT, G = 8": Arm(("experiment=osft_g8_arith",), 3, 512, paper="highest peak"),
     "SFT on gold solutions": Arm(("experiment=sft_arith",), 3),
     "Online SFT from the under-trained base": Arm(
         ("experiment=osft_arith", "model=arith_base_undertrained"),
@@ -82,6 +81,11 @@ ARMS = {
         base="arith_base_undertrained",
         paper="no gain (Llama-3.1-8B-Instruct)",
     ),
+    "tau_s annealed 0.6 -> 1": Arm(("experiment=osft_anneal_arith",), 3, paper="39.5"),
+    "Online SFT, G = 4": Arm(("experiment=osft_g4_arith",), 3, 256, paper="above the base"),
+    "Online SFT, G = 8": Arm(("experiment=osft_g8_arith",), 3, 512, paper="highest peak"),
+    "Dr. GRPO (G = 8)": Arm(("experiment=dr_grpo_arith",), 3, 128),
+    "DAPO (G = 8)": Arm(("experiment=dapo_arith",), 3, 128),
 }
 BASES = {"arith_base": "base", "arith_base_undertrained": "under-trained base"}
 
@@ -240,16 +244,22 @@ def grid_curves(out: Path, name: str) -> dict[float, list[dict[str, float]]]:
     return {lr: curve(path) for lr, path in grid_dirs(out, name).items()}
 
 
-def tune(names: list[str], out: Path, workers: int) -> dict[str, float]:
-    """Each arm's learning rate on dev (seed 0): the grid (already run), then one more point
-    past a winning edge, twice at most, the arms' extra points run side by side."""
+def complete_arm(name: str, out: Path) -> float:
+    """One arm from start to end, one run at a time: its grid (seed 0), up to two more rates
+    past a winning edge, then its other seeds at the rate chosen on dev. Returns the rate."""
+    arm = ARMS[name]
+    for lr in GRID:
+        run_job(name, arm, lr, 0, out)()
     for _ in range(2):
-        extra = {n: next_lr(grid_curves(out, n)) for n in names}
-        jobs = [run_job(n, ARMS[n], lr, 0, out) for n, lr in extra.items() if lr is not None]
-        if not jobs:
+        extra = next_lr(grid_curves(out, name))
+        if extra is None:
             break
-        run_all(jobs, workers)
-    return {n: choose_lr(grid_curves(out, n)) for n in names}
+        run_job(name, arm, extra, 0, out)()
+    lr = choose_lr(grid_curves(out, name))
+    print(f"{name}: lr {lr_text(lr)} chosen on dev", flush=True)
+    for seed in range(1, arm.seeds):
+        run_job(name, arm, lr, seed, out)()
+    return lr
 
 
 def run_job(name: str, arm: Arm, lr: float, seed: int, out: Path) -> Callable[[], Path]:
@@ -360,6 +370,28 @@ def record_bases(chosen: dict[str, float], out: Path) -> None:
                 )
 
 
+def record_base_sweeps(chosen: dict[str, float], out: Path) -> None:
+    """Each base's dev sweep over tau_eval (the table its tau was chosen from), and its plot."""
+    for model, tau_chosen in chosen.items():
+        sweep = out / model / "dev_sweep"
+        s = stamp(sweep)
+        with (sweep / "dev_sweep" / "eval.csv").open() as handle:
+            rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        for row in rows:
+            tau = row["tau_eval"]
+            STORE.add(
+                table="online_sft.base_dev",
+                arm=f"{BASES[model]} @ tau_eval {tau:g}"
+                + (" (chosen)" if tau == tau_chosen else ""),
+                seed=0,
+                config_hash=s["config_hash"],
+                base_model=model,
+                metrics={f"dev/{k.removeprefix('val/')}": v for k, v in row.items()},
+                measured_at=(s["commit"], s["dirty"]),
+            )
+        shutil.copy(sweep / "dev_sweep" / "tau_sweep.png", HERE / f"{model}_dev_tau_sweep.png")
+
+
 def record_grid(name: str, arm: Arm, out: Path, chosen_lr: float) -> None:
     """Seed 0's dev curve of every learning rate the arm tried (the dev grid table)."""
     for lr, path in sorted(grid_dirs(out, name).items()):
@@ -386,29 +418,31 @@ def record_grid(name: str, arm: Arm, out: Path, chosen_lr: float) -> None:
 
 
 def token_budget(out: Path, lrs: dict[str, float]) -> float:
-    """The equal-token budget: the fewest tokens any online arm generated over its run (mean
-    over its seeds), so that every online arm has a validation at or below it."""
-    finals = []
-    for name, arm in ARMS.items():
-        paths = [run_dir(out, name, lrs[name], s) for s in range(arm.seeds)]
-        tokens = [curve(p)[-1]["tokens"] for p in paths]
-        if "offline" not in name and "gold" not in name:
-            finals.append(float(np.mean(tokens)))
-    return min(finals)
+    """The equal-token budget: the tokens Online SFT generates in its run (mean over seeds);
+    every online arm generates about as many responses."""
+    paths = seed_dirs(out, OSFT, ARMS[OSFT], lrs[OSFT])
+    return float(np.mean([curve(p)[-1]["tokens"] for p in paths]))
+
+
+def seed_dirs(out: Path, name: str, arm: Arm, lr: float) -> list[Path]:
+    """The arm's finished seeds at `lr` (all of them, unless the study was stopped early)."""
+    paths = [run_dir(out, name, lr, s) for s in range(arm.seeds)]
+    return [p for p in paths if finished(p, arm.steps)]
 
 
 def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None:
     """The arm's seeds at its chosen lr: test at the step chosen on the mean dev curve
-    (online_sft.plateau) and at the last validation within the token budget (online_sft.tokens)."""
-    paths = [run_dir(out, name, lr, s) for s in range(arm.seeds)]
+    (online_sft.plateau) and at its validation closest to the token budget (online_sft.tokens)."""
+    paths = seed_dirs(out, name, arm, lr)
     curves = [curve(p) for p in paths]
-    stop = best_on_dev(mean_curve(curves))["step"]
-    for seed, (path, points) in enumerate(zip(paths, curves, strict=True)):
-        within = [p for p in points if p["tokens"] <= budget] or points[:1]
+    stop = int(best_on_dev(mean_curve(curves))["step"])
+    for path, points in zip(paths, curves, strict=True):
+        seed = int(path.name.removeprefix("seed"))
+        closest = min(points, key=lambda p: abs(p["tokens"] - budget))
         s = stamp(path)
         for table, point in (
             ("online_sft.plateau", stop),
-            ("online_sft.tokens", within[-1]["step"]),
+            ("online_sft.tokens", closest["step"]),
         ):
             at = next(p for p in points if p["step"] == point)
             STORE.add(
@@ -428,6 +462,46 @@ def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None
                 extra={"curve": points},
                 measured_at=(s["commit"], s["dirty"]),
             )
+
+
+def started(log: Path) -> float:
+    """The time of a run log's first line (its process's start)."""
+    first = log.open().readline()
+    return time.mktime(time.strptime(first[1:20], "%Y-%m-%d %H:%M:%S"))
+
+
+def record_cost(out: Path) -> None:
+    """The study's wall time (first process start to last process end) and its runs' summed
+    process time, from the run directories."""
+    stamps = list(out.rglob("stamp.json"))
+    starts = [started(s.parent / "run.log") for s in stamps]
+    ends = [s.stat().st_mtime for s in stamps]
+    commits = {json.loads(s.read_text())["commit"] for s in stamps}
+    STORE.add(
+        table="online_sft.cost",
+        arm="the whole study",
+        seed=None,
+        config_hash="-",
+        base_model="-",
+        metrics={
+            "processes": len(stamps),
+            "wall_s": max(ends) - min(starts),
+            "process_s": sum(e - s for s, e in zip(starts, ends, strict=True)),
+        },
+        measured_at=(sorted(commits)[0], len(commits) > 1),
+    )
+
+
+def render_cost(records: list[dict[str, Any]]) -> str:
+    found = [r["metrics"] for r in records if r["table"] == "online_sft.cost"]
+    if not found:
+        return "Not run yet.\n"
+    cost = found[-1]
+    return (
+        f"{cost['processes']:.0f} processes (training runs and evaluations), two at a time with "
+        f"one torch thread each on 2 CPU cores: {cost['wall_s'] / 3600:.2f} hours of wall time "
+        f"({cost['process_s'] / 3600:.2f} process-hours). Generated from the store; do not edit.\n"
+    )
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -607,6 +681,18 @@ DEV_COLUMNS = [
 ]
 TABLES = [
     Table(
+        "online_sft.base_dev",
+        [
+            Column("dev pass@1", "dev/pass@1"),
+            Column("dev pass@8", "dev/pass@8"),
+            Column("dev AVG", "dev/avg"),
+            Column("dev greedy acc", "dev/greedy_acc"),
+        ],
+        counts=False,
+        caption="**Each base's tau_eval on the dev split** (one evaluation per tau, n = 8; "
+        "chosen by AVG, SePT's criterion).",
+    ),
+    Table(
         "online_sft.dev_grid",
         DEV_COLUMNS,
         counts=False,
@@ -622,9 +708,9 @@ TABLES = [
     ),
     outcome_table(
         "online_sft.tokens",
-        "**At equal generated tokens**: each arm's last validation within the budget (the fewest "
-        "tokens an online arm generated in its run); the offline set and gold SFT generate less "
-        "and are read at their ends.",
+        "**At equal generated tokens**: each arm at its validation closest to the tokens Online "
+        "SFT generates in its run (every online arm generates about as many responses); the "
+        "offline set and gold SFT generate less and are read at their ends.",
     ),
     Paired(
         "online_sft.paired",
@@ -636,6 +722,7 @@ TABLES = [
         scale=100,
     ),
     Generated("online_sft.verdicts", ("online_sft.plateau", "online_sft.tokens"), render_verdicts),
+    Generated("online_sft.cost", ("online_sft.cost",), render_cost),
 ]
 
 
@@ -649,12 +736,22 @@ def plot(records: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     chosen = [r for r in records if r["table"] == "online_sft.plateau" and r.get("extra")]
+    start = {  # each base's dev pass@1 at tau_eval 1: every curve's step 0
+        r["base_model"]: r["metrics"]["dev/pass@1"]
+        for r in records
+        if r["table"] == "online_sft.base_dev" and r["metrics"]["dev/tau_eval"] == 1.0
+    }
     figure, axes = plt.subplots(1, 2, figsize=(14, 5))
     for name in ARMS:
         curves = [r["extra"]["curve"] for r in chosen if r["arm"] == name]
         if not curves:
             continue
-        mean = mean_curve(curves)
+        origin = {"step": 0.0, "tokens": 0.0, f"{DEV}/pass@1": start.get(ARMS[name].base)}
+        mean = (
+            [origin, *mean_curve(curves)]
+            if origin[f"{DEV}/pass@1"] is not None
+            else mean_curve(curves)
+        )
         for axis, key in zip(axes, ("step", "tokens"), strict=True):
             if key == "tokens" and mean[-1]["tokens"] == 0:
                 continue
@@ -700,20 +797,14 @@ def plot(records: list[dict[str, Any]]) -> None:
 
 # ---- the study ----------------------------------------------------------------------------------
 def study(out: Path, workers: int) -> None:
-    """Bases first (their tau on dev, then the test scores), then every arm's grid, then each
-    arm's further seeds at its chosen lr; finally the records and the plots."""
+    """Bases first (their tau on dev, then the test scores), then the arms in ARMS order, each
+    completed (grid, rate, seeds) before the next starts, `workers` arms at a time: a study
+    stopped early holds whole arms. Finally the records and the plots."""
     chosen = base_taus(out, workers)
     print("base tau_eval chosen on dev:", chosen, flush=True)
     run_all(base_jobs(chosen, out), workers)
-    order = sorted(ARMS, key=lambda n: -ARMS[n].seeds)  # the 5-seed arms first
-    grid_jobs = [run_job(n, ARMS[n], lr, 0, out) for n in order for lr in GRID]
-    run_all(grid_jobs, workers)
-    lrs = tune(order, out, workers)
-    print("learning rates chosen on dev:", {n: lr_text(lr) for n, lr in lrs.items()}, flush=True)
-    seed_jobs = [
-        run_job(n, ARMS[n], lrs[n], s, out) for n in order for s in range(1, ARMS[n].seeds)
-    ]
-    run_all(seed_jobs, workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        lrs = dict(zip(ARMS, pool.map(lambda name: complete_arm(name, out), ARMS), strict=True))
     write_records(out, chosen, lrs)
 
 
@@ -721,11 +812,14 @@ def write_records(out: Path, chosen: dict[str, float], lrs: dict[str, float]) ->
     """The study's store, rebuilt from the run directories (each record stamped with the commit
     its run was launched from)."""
     STORE.path.unlink(missing_ok=True)
+    record_cost(out)
+    record_base_sweeps(chosen, out)
     record_bases(chosen, out)
     budget = token_budget(out, lrs)
     for name, arm in ARMS.items():
-        record_grid(name, arm, out, lrs[name])
-        record_arm(name, arm, lrs[name], out, budget)
+        if name in lrs:  # a study stopped early may not have reached every arm
+            record_grid(name, arm, out, lrs[name])
+            record_arm(name, arm, lrs[name], out, budget)
     plot(STORE.records())
 
 
@@ -735,13 +829,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "online_sft_study")
     parser.add_argument("--report", action="store_true", help="write the README's tables")
     parser.add_argument("--check", action="store_true", help="exit 1 if a README table is off")
+    parser.add_argument(
+        "--records",
+        action="store_true",
+        help="rebuild the store from the finished runs under --out without running more (a "
+        "study stopped early: each row holds the seeds that finished)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("OSFTKIT_ROOT", str(ROOT))
     if args.report or args.check:
         mode = "report" if args.report else "check"
         readmes = [HERE / "README.md", ROOT / "README.md"]
         sys.exit(report_or_check(mode, readmes, "online_sft", TABLES, STORE.records(), ROOT))
-    study(args.out, args.jobs)
+    if args.records:
+        write_records(args.out, *choices_made(args.out))
+    else:
+        study(args.out, args.jobs)
+
+
+def choices_made(out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The bases' taus and the arms' learning rates the finished runs under `out` chose."""
+    taus = {
+        m: json.loads((out / m / "dev_sweep" / "base_tau.json").read_text())["tau_eval"]
+        for m in BASES
+    }
+    lrs = {}
+    for name in ARMS:
+        curves = grid_curves(out, name)
+        complete = set(GRID) <= set(curves)
+        if complete and (next_lr(curves) is None or len(curves) >= len(GRID) + 2):
+            lrs[name] = choose_lr(curves)  # an arm whose grid is not finished has no rate yet
+    return taus, lrs
 
 
 if __name__ == "__main__":
