@@ -240,6 +240,14 @@ def mean_curve(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     ]
 
 
+def tuned(curves: dict[float, list[dict[str, float]]]) -> bool:
+    """Whether an arm's rate is chosen: the whole grid ran, and the winner is inside it or two
+    points past its edge were tried (a resumed study tries no more)."""
+    if not set(GRID) <= set(curves):
+        return False
+    return next_lr(curves) is None or len(curves) >= len(GRID) + 2
+
+
 def grid_curves(out: Path, name: str) -> dict[float, list[dict[str, float]]]:
     return {lr: curve(path) for lr, path in grid_dirs(out, name).items()}
 
@@ -250,11 +258,8 @@ def complete_arm(name: str, out: Path) -> float:
     arm = ARMS[name]
     for lr in GRID:
         run_job(name, arm, lr, 0, out)()
-    for _ in range(2):
-        extra = next_lr(grid_curves(out, name))
-        if extra is None:
-            break
-        run_job(name, arm, extra, 0, out)()
+    while not tuned(grid_curves(out, name)):
+        run_job(name, arm, next_lr(grid_curves(out, name)), 0, out)()
     lr = choose_lr(grid_curves(out, name))
     print(f"{name}: lr {lr_text(lr)} chosen on dev", flush=True)
     for seed in range(1, arm.seeds):
@@ -430,6 +435,13 @@ def seed_dirs(out: Path, name: str, arm: Arm, lr: float) -> list[Path]:
     return [p for p in paths if finished(p, arm.steps)]
 
 
+def closest_to(points: list[dict[str, float]], budget: float) -> dict[str, float]:
+    """The validation whose generated tokens are closest to `budget`; among equally close ones
+    the latest, so that an arm that stops generating (the offline set, gold SFT) is read at
+    its end."""
+    return min(points, key=lambda p: (abs(p["tokens"] - budget), -p["step"]))
+
+
 def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None:
     """The arm's seeds at its chosen lr: test at the step chosen on the mean dev curve
     (online_sft.plateau) and at its validation closest to the token budget (online_sft.tokens)."""
@@ -438,7 +450,7 @@ def record_arm(name: str, arm: Arm, lr: float, out: Path, budget: float) -> None
     stop = int(best_on_dev(mean_curve(curves))["step"])
     for path, points in zip(paths, curves, strict=True):
         seed = int(path.name.removeprefix("seed"))
-        closest = min(points, key=lambda p: abs(p["tokens"] - budget))
+        closest = closest_to(points, budget)
         s = stamp(path)
         for table, point in (
             ("online_sft.plateau", stop),
@@ -476,7 +488,8 @@ def record_cost(out: Path) -> None:
     stamps = list(out.rglob("stamp.json"))
     starts = [started(s.parent / "run.log") for s in stamps]
     ends = [s.stat().st_mtime for s in stamps]
-    commits = {json.loads(s.read_text())["commit"] for s in stamps}
+    made = [json.loads(s.read_text()) for s in stamps]
+    first = min(made, key=lambda m: m["commit"] != made[0]["commit"])["commit"]
     STORE.add(
         table="online_sft.cost",
         arm="the whole study",
@@ -488,7 +501,8 @@ def record_cost(out: Path) -> None:
             "wall_s": max(ends) - min(starts),
             "process_s": sum(e - s for s, e in zip(starts, ends, strict=True)),
         },
-        measured_at=(sorted(commits)[0], len(commits) > 1),
+        # Its runs' commits differ only outside src/ and configs/ (--check compares the rows).
+        measured_at=(first, any(m["dirty"] for m in made)),
     )
 
 
@@ -742,7 +756,7 @@ def plot(records: list[dict[str, Any]]) -> None:
         if r["table"] == "online_sft.base_dev" and r["metrics"]["dev/tau_eval"] == 1.0
     }
     figure, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for name in ARMS:
+    for index, name in enumerate(ARMS):
         curves = [r["extra"]["curve"] for r in chosen if r["arm"] == name]
         if not curves:
             continue
@@ -760,6 +774,8 @@ def plot(records: list[dict[str, Any]]) -> None:
                 [p[f"{DEV}/pass@1"] for p in mean],
                 marker="o",
                 ms=3,
+                color=f"C{index % 10}",
+                ls="-" if index < 10 else "--",
                 label=name,
             )
     for axis, label in zip(axes, ("optimiser step", "tokens generated in training"), strict=True):
@@ -856,8 +872,7 @@ def choices_made(out: Path) -> tuple[dict[str, float], dict[str, float]]:
     lrs = {}
     for name in ARMS:
         curves = grid_curves(out, name)
-        complete = set(GRID) <= set(curves)
-        if complete and (next_lr(curves) is None or len(curves) >= len(GRID) + 2):
+        if tuned(curves):
             lrs[name] = choose_lr(curves)  # an arm whose grid is not finished has no rate yet
     return taus, lrs
 
