@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -191,11 +191,13 @@ class Job:
     cell: str
     overrides: tuple[str, ...]
     after: Path | None = None
+    # fixed when the job is made: a worker process imports this module with the default LOGS
+    logs: Path = field(default_factory=lambda: LOGS)
 
     @property
     def record_path(self) -> Path:
         slug = "".join(c if c.isalnum() else "_" for c in self.arm).strip("_")
-        return LOGS / self.cell / f"{slug}.json"
+        return self.logs / self.cell / f"{slug}.json"
 
 
 def backdoor_overrides(spec: dict) -> list[str]:
@@ -394,12 +396,15 @@ def run_jobs(jobs: list[Job], pool: ProcessPoolExecutor, workers: int) -> None:
             print(future.result(), flush=True)
 
 
-def study(workers: int, families: bool) -> None:
+def study(workers: int, families: bool, rows: Sequence[str] = ()) -> None:
+    """Plant, tune, then run every row (only `rows`, by name, when given)."""
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         run_jobs([*plant_jobs(), *dev_jobs()], pool, workers)
         chosen = choose_settings()
         print("dev-chosen settings:", chosen, flush=True)
-        run_jobs([*test_jobs(chosen), *(family_jobs(chosen) if families else [])], pool, workers)
+        jobs = [*test_jobs(chosen), *(family_jobs(chosen) if families else [])]
+        # a family's arm is '<family>: <row>'
+        run_jobs([j for j in jobs if not rows or j.arm.split(": ")[-1] in rows], pool, workers)
 
 
 # ---- the store and the tables ----------------------------------------------------------------
@@ -615,6 +620,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--no-families", action="store_true", help="skip the attack families")
+    parser.add_argument(
+        "--rows", nargs="+", default=(), choices=list(BY_NAME), help="run only these rows"
+    )
     parser.add_argument("--records", action="store_true", help="rebuild the store from the runs")
     parser.add_argument(
         "--runs-from",
@@ -635,7 +643,7 @@ def main() -> None:
         mode = "report" if args.report else "check"
         readmes = [Path(__file__).parent / "README.md", ROOT / "README.md"]
         sys.exit(report_or_check(mode, readmes, "backdoor", store_tables(), STORE.records(), ROOT))
-    study(args.jobs, not args.no_families)
+    study(args.jobs, not args.no_families, args.rows)
 
 
 if __name__ == "__main__":
