@@ -468,7 +468,12 @@ PER_PROMPT = {
     "val/asr_greedy": "asr",
     "val/triggered_acc": "triggered",
 }
-PERCENT = [Column(title, key, scale=100, digits=1) for title, key in METRICS.items()]
+# A metric without per-prompt outcomes (sampled ASR, parrot ASR, perplexity) gets no interval:
+# a t-interval over 3-5 seeds alone has the wrong unit (and left [0, 100]).
+PERCENT = [
+    Column(title, key, scale=100, digits=1, interval=key in PER_PROMPT)
+    for title, key in METRICS.items()
+]
 ACCURACIES = [c for c in PERCENT if c.title in ("ASR", "clean acc", "triggered acc")]
 KINDS = {
     CLEAN: REFERENCE,
@@ -564,7 +569,7 @@ def claims(records: list[dict]) -> str:
 def store_tables() -> list[Table | Paired | Generated]:
     main_columns = [
         *PERCENT,
-        Column("perplexity", "val/perplexity", digits=2),
+        Column("perplexity", "val/perplexity", digits=2, interval=False),
         Column("wall s", "seconds", digits=0, interval=False),
         Column("kind", label_key="kind"),
     ]

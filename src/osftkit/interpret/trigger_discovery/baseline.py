@@ -9,7 +9,7 @@ import torch
 
 from osftkit.data.instructions import InstructionSlotSampler
 from osftkit.interpret.trigger_discovery.prompts import PromptTokens, candidate_spans
-from osftkit.interpret.trigger_discovery.propose import TriggerDiscovery, coverage
+from osftkit.interpret.trigger_discovery.propose import TriggerDiscovery, discovery_of
 
 
 def flag_outside_grammar(
@@ -30,19 +30,5 @@ def flag_outside_grammar(
             rows["truth"].append(any(truth[p] for p in span))
             flagged.append(parsed is None or all(parsed.foreign[p] for p in span))
     discovered = torch.tensor(flagged, dtype=torch.bool)
-    trigger_tokens, covered = coverage(prompts, rows, discovered)
     nan = torch.full((len(flagged),), float("nan"))
-    return TriggerDiscovery(
-        prompt=torch.tensor(rows["prompt"]),
-        start=torch.tensor(rows["start"]),
-        spans=rows["span"],
-        truth=torch.tensor(rows["truth"], dtype=torch.bool),
-        statistic=nan,
-        pvalue=nan.double(),
-        discovered=discovered,
-        trigger_tokens=trigger_tokens,
-        covered=covered,
-        test="outside grammar",
-        num_draws=0,
-        model_calls=0,
-    )
+    return discovery_of(prompts, rows, nan, nan.double(), discovered, "outside grammar", 0, 0)

@@ -223,6 +223,21 @@ def discover_triggers(
         statistic = observed_all - null_all[0]
         pvalues = torch.full_like(statistic, float("nan"), dtype=torch.float64)
         discovered, _ = one_shot_decision(statistic, everything, alpha, offset)
+    return discovery_of(prompts, rows, statistic, pvalues, discovered, test, k, calls)
+
+
+def discovery_of(
+    prompts: PromptTokens,
+    rows: dict[str, list],
+    statistic: Tensor,
+    pvalue: Tensor,
+    discovered: Tensor,
+    test: str,
+    num_draws: int,
+    model_calls: int,
+) -> TriggerDiscovery:
+    """The result over the hypotheses `rows` (prompt, start, span, truth) and their decisions,
+    with the trigger tokens the discovered spans cover."""
     trigger_tokens, covered = coverage(prompts, rows, discovered)
     return TriggerDiscovery(
         prompt=torch.tensor(rows["prompt"]),
@@ -230,13 +245,13 @@ def discover_triggers(
         spans=rows["span"],
         truth=torch.tensor(rows["truth"], dtype=torch.bool),
         statistic=statistic,
-        pvalue=pvalues,
+        pvalue=pvalue,
         discovered=discovered,
         trigger_tokens=trigger_tokens,
         covered=covered,
         test=test,
-        num_draws=k,
-        model_calls=calls,
+        num_draws=num_draws,
+        model_calls=model_calls,
     )
 
 
