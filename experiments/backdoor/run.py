@@ -59,8 +59,9 @@ GRID = ("3e-5", "1e-4", "3e-4", "1e-3")  # every tuned removal's LR grid
 MAX_DEV_ASR = 0.1
 DEV = ["data=instructions_dev"]
 CLEAN, BACKDOORED = "clean reference (never poisoned)", "backdoored"
-PAPER, KIT, CONTROL, ANCHOR, REFERENCE = (
+PAPER, VARIANT, KIT, CONTROL, ANCHOR, REFERENCE = (
     "paper",
+    "paper's variant, kit's loss",  # SANDE-P: the paper names it, the kit wrote its loss
     "kit extension",
     "control",
     "current defense (anchor)",
@@ -143,13 +144,13 @@ REMOVALS = (
     ),
     Removal(
         "SANDE-P, marker's first word withheld",
-        PAPER,
+        VARIANT,
         (*SANDE_OPTIMISER, "method=sande_p"),
         lr_of=SANDE,
     ),
     Removal(
         "SANDE-P, only the marker's last word known",
-        PAPER,
+        VARIANT,
         (*SANDE_OPTIMISER, "method=sande_p_last"),
         lr_of=SANDE,
     ),
@@ -584,6 +585,8 @@ def store_tables() -> list[Table | Paired | Generated]:
                 "200 dev prompts; in %)"
             ),
             problem_fields=PER_PROMPT,
+            # the tuning model's own record is scored on the test prompts: not a dev row
+            filter=lambda record: record["arm"] != BACKDOORED,
         ),
         Table(
             "backdoor.main",
